@@ -1,0 +1,1 @@
+//! Cross-backend integration tests.
