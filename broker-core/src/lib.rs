@@ -1,1 +1,200 @@
-//! placeholder
+//! Publish and consume events without caring whether Apache Kafka, RabbitMQ
+//! or the in-memory backend sits underneath.
+//!
+//! - [`Publisher`] and [`Subscriber`] are the two object-safe traits every
+//!   backend implements (use them as `Arc<dyn Publisher>`).
+//! - [`Consumer`] is the one consumer runtime for every backend: handler,
+//!   retries with backoff, dead letters, bounded concurrency with per-key
+//!   order, graceful shutdown. Backends only map fetch, ack and publish.
+//! - [`MemoryBroker`] is the embedded default when no broker is enabled.
+//! - [`config::BrokerConfig`] reads the flags (`KAFKA_ENABLED`, `RABBITMQ_URL`,
+//!   `BROKER_ROUTE_<MODULE>`, ...).
+//! - `testkit` (feature `testkit`) is the conformance suite every backend passes.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use broker_core::{Consumer, MemoryBroker, Message, Publisher, Received};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), broker_core::BrokerError> {
+//! let broker = MemoryBroker::new();
+//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let consumer = Consumer::builder(broker.clone(), "demo.orders.created", "billing")
+//!     .dead_letters(broker.clone())
+//!     .handler(move |msg: Received| {
+//!         let tx = tx.clone();
+//!         async move {
+//!             tx.send(msg.message.payload().clone()).unwrap();
+//!             Ok(())
+//!         }
+//!     })
+//!     .start()
+//!     .await?;
+//! broker.publish("demo.orders.created", Message::new("hello")).await?;
+//! assert_eq!(rx.recv().await.unwrap(), "hello");
+//! consumer.shutdown(std::time::Duration::from_secs(5)).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub mod backoff;
+pub mod config;
+pub mod consumer;
+pub mod delivery;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod instrument;
+pub mod memory;
+pub mod message;
+pub mod metrics;
+pub mod topic;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use backoff::Backoff;
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
+pub use delivery::{Acker, Delivery, DeliveryStream, Received};
+pub use error::{BrokerError, Result};
+pub use event::{Event, PublisherExt};
+pub use handler::{typed, FailureKind, Handler, HandlerError};
+pub use memory::MemoryBroker;
+pub use message::{Headers, Message};
+pub use metrics::{Metrics, MetricsSnapshot};
+
+/// Whether a backend can currently do its work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Connected and answering.
+    Healthy,
+    /// Not usable right now, with the reason.
+    Unhealthy(String),
+}
+
+impl Health {
+    /// True when healthy.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy)
+    }
+}
+
+/// Sends messages to topics. Returns only after the broker accepted the
+/// message (Kafka: delivery report with acks=all; RabbitMQ: publisher confirm).
+///
+/// Implementations refuse bad input before sending anything
+/// ([`message::check_outgoing`]).
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes one message and waits for the broker to accept it.
+    async fn publish(&self, topic: &str, message: Message) -> Result<()>;
+
+    /// Publishes several messages to one topic. Every message is checked
+    /// before any is sent; backends pipeline the sends. On partial failure
+    /// the error is [`BrokerError::Batch`] listing the failed positions.
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        for m in &messages {
+            message::check_outgoing(topic, m, self.max_message_bytes())?;
+        }
+        let results =
+            futures::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await;
+        batch_result(results)
+    }
+
+    /// Largest message (payload, key and headers) this publisher accepts.
+    fn max_message_bytes(&self) -> usize;
+
+    /// Round trip to the broker.
+    async fn health(&self) -> Health;
+
+    /// Waits for messages in flight, then refuses new ones with
+    /// [`BrokerError::Closed`].
+    async fn close(&self) -> Result<()>;
+}
+
+/// Opens subscriptions: one per (consumer group, topic) call.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Joins `group` on `topic`, creating what the broker needs (queue,
+    /// binding, consumer group). Every group receives every message of the
+    /// topic; members of one group share them. `prefetch` bounds how many
+    /// unacknowledged deliveries the stream may hold.
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>>;
+
+    /// Round trip to the broker.
+    async fn health(&self) -> Health;
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Topic name.
+    pub topic: String,
+    /// Consumer group name.
+    pub group: String,
+    /// Most unacknowledged deliveries held at once.
+    pub prefetch: usize,
+}
+
+impl Subscription {
+    /// A subscription with a prefetch of 16.
+    pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
+        Subscription {
+            topic: topic.into(),
+            group: group.into(),
+            prefetch: 16,
+        }
+    }
+    /// Sets the prefetch (at least 1).
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        (**self).publish(topic, message).await
+    }
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        (**self).publish_batch(topic, messages).await
+    }
+    fn max_message_bytes(&self) -> usize {
+        (**self).max_message_bytes()
+    }
+    async fn health(&self) -> Health {
+        (**self).health().await
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
+#[async_trait]
+impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        (**self).subscribe(subscription).await
+    }
+    async fn health(&self) -> Health {
+        (**self).health().await
+    }
+}
+
+/// Folds per-message results of a batch into one result.
+pub fn batch_result(results: Vec<Result<()>>) -> Result<()> {
+    let total = results.len();
+    let failed: Vec<_> = results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, r)| r.err().map(|error| error::BatchFailure { index, error }))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(BrokerError::Batch { total, failed })
+    }
+}

@@ -1,0 +1,443 @@
+//! The one consumer runtime every backend shares.
+//!
+//! A backend supplies a [`DeliveryStream`] (fetch), an [`crate::Acker`] per
+//! delivery (ack/nack) and a [`Publisher`] (dead letters). Everything else
+//! lives here: the handler call, retries with exponential backoff and jitter,
+//! panics caught as errors, dead-lettering with reason headers, bounded
+//! concurrency that keeps per-key order, and graceful shutdown.
+//!
+//! Concurrency: deliveries are spread over `concurrency` lanes; a lane
+//! handles one message at a time, and every message with the same key goes
+//! to the same lane, so same-key messages are handled in order (retries
+//! included) while different keys run in parallel.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
+use crate::error::{BrokerError, Result};
+use crate::handler::{FailureKind, Handler, HandlerError};
+use crate::message::{header, millis_since_epoch, now_millis, Message};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::topic::{dead_letter_topic, validate_topic};
+use crate::{Publisher, Subscriber, Subscription};
+
+/// Deadline used when a [`ConsumerHandle`] is dropped without `shutdown`.
+const DROP_DEADLINE: Duration = Duration::from_secs(30);
+/// Extra time `shutdown` allows for closing the subscription after the deadline.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// Entry point of the runtime; see [`Consumer::builder`].
+pub struct Consumer;
+
+impl Consumer {
+    /// Starts building a consumer of `topic` in consumer group `group`.
+    /// Dead letters go to `broker` too unless [`ConsumerBuilder::dead_letters`]
+    /// names another publisher.
+    pub fn builder<B>(
+        broker: B,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> ConsumerBuilder
+    where
+        B: Publisher + Subscriber + 'static,
+    {
+        let broker = Arc::new(broker);
+        Self::from_parts(broker.clone(), broker, topic, group)
+    }
+
+    /// Like [`Consumer::builder`], with the subscriber and the dead-letter
+    /// publisher given apart (for example two connections).
+    pub fn from_parts(
+        subscriber: Arc<dyn Subscriber>,
+        dead_letters: Arc<dyn Publisher>,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> ConsumerBuilder {
+        let topic = topic.into();
+        ConsumerBuilder {
+            subscriber,
+            dead_letters,
+            dead_letter_topic: dead_letter_topic(&topic),
+            topic,
+            group: group.into(),
+            handler: None,
+            retry: Backoff::retry_default(),
+            concurrency: 1,
+            prefetch: None,
+            metrics: Arc::default(),
+        }
+    }
+}
+
+/// Configures and starts a consumer.
+#[must_use = "call .start() to run the consumer"]
+pub struct ConsumerBuilder {
+    subscriber: Arc<dyn Subscriber>,
+    dead_letters: Arc<dyn Publisher>,
+    topic: String,
+    group: String,
+    dead_letter_topic: String,
+    handler: Option<Arc<dyn Handler>>,
+    retry: Backoff,
+    concurrency: usize,
+    prefetch: Option<usize>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConsumerBuilder {
+    /// The handler (required): a [`Handler`], a closure, or [`crate::typed`].
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+    /// Retry policy for handler errors (default [`Backoff::retry_default`]).
+    pub fn retry(mut self, policy: Backoff) -> Self {
+        self.retry = policy;
+        self
+    }
+    /// Publisher for dead letters (default: the broker passed to the builder).
+    pub fn dead_letters(mut self, publisher: impl Publisher + 'static) -> Self {
+        self.dead_letters = Arc::new(publisher);
+        self
+    }
+    /// Dead-letter topic (default `{topic}.dlq`).
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = topic.into();
+        self
+    }
+    /// How many messages are handled at once (default 1). Same-key messages
+    /// are still handled one after another, in order.
+    pub fn concurrency(mut self, lanes: usize) -> Self {
+        self.concurrency = lanes.max(1);
+        self
+    }
+    /// Most unacknowledged messages held (default twice the concurrency).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+    /// Counters to update (default: a fresh set, see [`ConsumerHandle::metrics`]).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Subscribes and starts consuming in the background. Returns once the
+    /// subscription exists, so messages published afterwards reach it.
+    pub async fn start(self) -> Result<ConsumerHandle> {
+        validate_topic(&self.topic)?;
+        validate_topic(&self.dead_letter_topic)?;
+        let handler = self.handler.ok_or(BrokerError::Misconfigured(
+            "no handler: call ConsumerBuilder::handler",
+        ))?;
+        let prefetch = self.prefetch.unwrap_or(self.concurrency * 2);
+        let stream = self
+            .subscriber
+            .subscribe(Subscription::new(&self.topic, &self.group).with_prefetch(prefetch))
+            .await?;
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let runtime = Arc::new(Runtime {
+            handler,
+            dead_letters: self.dead_letters,
+            dead_letter_topic: self.dead_letter_topic,
+            group: self.group,
+            retry: self.retry,
+            metrics: self.metrics.clone(),
+        });
+        tracing::info!(topic = %self.topic, group = %runtime.group, concurrency = self.concurrency, "consumer started");
+        let task = tokio::spawn(runtime.run(stream, self.concurrency, stop_rx));
+        Ok(ConsumerHandle {
+            stop: stop_tx,
+            task,
+            metrics: self.metrics,
+        })
+    }
+}
+
+/// A running consumer. Dropping it stops the consumer (30 s deadline).
+pub struct ConsumerHandle {
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<Result<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConsumerHandle {
+    /// Stops taking messages, lets in-flight ones finish for up to
+    /// `deadline` (then abandons them: they are redelivered), settles what
+    /// finished and closes the subscription.
+    pub async fn shutdown(self, deadline: Duration) -> Result<()> {
+        let _ = self.stop.send(Some(deadline));
+        match tokio::time::timeout(deadline + CLOSE_GRACE, self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(BrokerError::backend("consumer", join)),
+            Err(_) => Err(BrokerError::Timeout {
+                operation: "consumer shutdown",
+                after: deadline + CLOSE_GRACE,
+            }),
+        }
+    }
+
+    /// True while the consumer runs (it stops on shutdown, or when the
+    /// backend gives up; [`ConsumerHandle::shutdown`] then returns the error).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// The consumer's counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+}
+
+/// What lanes share.
+struct Runtime {
+    handler: Arc<dyn Handler>,
+    dead_letters: Arc<dyn Publisher>,
+    dead_letter_topic: String,
+    group: String,
+    retry: Backoff,
+    metrics: Arc<Metrics>,
+}
+
+type StopSignal = watch::Receiver<Option<Duration>>;
+
+/// True once shutdown was asked for (or the handle was dropped).
+fn stopping(stop: &StopSignal) -> bool {
+    stop.borrow().is_some() || stop.has_changed().is_err()
+}
+
+/// Resolves once shutdown is asked for (or the handle was dropped).
+async fn stop_requested(stop: &mut StopSignal) {
+    let _ = stop.wait_for(Option::is_some).await;
+}
+
+impl Runtime {
+    async fn run(
+        self: Arc<Self>,
+        mut stream: Box<dyn DeliveryStream>,
+        lanes: usize,
+        mut stop: StopSignal,
+    ) -> Result<()> {
+        let mut workers = JoinSet::new();
+        let senders: Vec<mpsc::Sender<Delivery>> = (0..lanes)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(1);
+                workers.spawn(self.clone().lane(rx, stop.clone()));
+                tx
+            })
+            .collect();
+
+        let mut next_unkeyed = 0usize;
+        let outcome = loop {
+            // `next` is cancel-safe by the DeliveryStream contract.
+            let delivery = tokio::select! {
+                biased;
+                _ = stop_requested(&mut stop) => break Ok(()),
+                d = stream.next() => d,
+            };
+            let delivery = match delivery {
+                None => break Ok(()),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "subscription failed; consumer stops");
+                    break Err(e);
+                }
+                Some(Ok(d)) => d,
+            };
+            let lane = match delivery.message().key() {
+                Some(key) => lane_of(key, lanes),
+                None => {
+                    next_unkeyed = (next_unkeyed + 1) % lanes;
+                    next_unkeyed
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop_requested(&mut stop) => {
+                    settle(delivery.nack(true), "nack").await;
+                    break Ok(());
+                }
+                permit = senders[lane].reserve() => match permit {
+                    Ok(permit) => permit.send(delivery),
+                    Err(_) => break Err(BrokerError::Closed("consumer lane")),
+                },
+            }
+        };
+
+        drop(senders);
+        let deadline = (*stop.borrow()).unwrap_or(DROP_DEADLINE);
+        let drained = tokio::time::timeout(deadline, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?deadline,
+                "in-flight messages did not finish before the deadline; abandoning them for redelivery"
+            );
+            workers.shutdown().await;
+        }
+        let closed = stream.close().await;
+        tracing::info!(group = %self.group, "consumer stopped");
+        outcome.and(closed)
+    }
+
+    async fn lane(self: Arc<Self>, mut deliveries: mpsc::Receiver<Delivery>, stop: StopSignal) {
+        while let Some(delivery) = deliveries.recv().await {
+            if stopping(&stop) {
+                // Queued but not started: hand it back untouched.
+                settle(delivery.nack(true), "nack").await;
+                continue;
+            }
+            let (received, acker) = delivery.into_parts();
+            let message = &received.message;
+            let span = tracing::info_span!(
+                "handle",
+                topic = %received.topic,
+                group = %self.group,
+                message_id = %message.id(),
+                correlation_id = message.correlation_id().unwrap_or_default(),
+                traceparent = message.traceparent().unwrap_or_default(),
+            );
+            self.handle(received, acker, stop.clone())
+                .instrument(span)
+                .await;
+        }
+    }
+
+    /// Runs the handler with retries, then acks, dead-letters or abandons.
+    async fn handle(&self, mut received: Received, acker: Box<dyn Acker>, mut stop: StopSignal) {
+        let mut delays = self.retry.delays();
+        received.attempt = 1;
+        loop {
+            let error = match call_handler(&*self.handler, received.clone()).await {
+                Ok(()) => {
+                    self.metrics.add_handled();
+                    settle(acker.ack(), "ack").await;
+                    return;
+                }
+                Err(e) => e,
+            };
+            self.metrics.add_failed();
+            let delay = match error.kind().is_retryable() {
+                true => delays.next(),
+                false => None,
+            };
+            let Some(delay) = delay else {
+                return self.dead_letter(received, error, acker, stop).await;
+            };
+            tracing::warn!(attempt = received.attempt, ?delay, error = %error, "handler failed; will retry");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop_requested(&mut stop) => {
+                    // Shutting down mid-backoff: give the message back rather than wait.
+                    settle(acker.nack(true), "nack").await;
+                    return;
+                }
+            }
+            self.metrics.add_retried();
+            received.attempt += 1;
+        }
+    }
+
+    /// Publishes the unchanged message plus reason headers to the dead-letter
+    /// topic, then acks. If that publish keeps failing, the message is handed
+    /// back for redelivery instead: never lost.
+    async fn dead_letter(
+        &self,
+        received: Received,
+        error: HandlerError,
+        acker: Box<dyn Acker>,
+        mut stop: StopSignal,
+    ) {
+        tracing::error!(attempts = received.attempt, error = %error, dlq = %self.dead_letter_topic, "dead-lettering message");
+        let letter = dead_letter_message(&received, &error, &self.group);
+        let policy = Backoff::reconnect_default();
+        let publish = policy.retry(
+            || {
+                self.dead_letters
+                    .publish(&self.dead_letter_topic, letter.clone())
+            },
+            BrokerError::is_transient,
+        );
+        let published = tokio::select! {
+            r = publish => r.map_err(|(e, _)| e),
+            _ = stop_requested(&mut stop) => Err(BrokerError::Closed("consumer")),
+        };
+        match published {
+            Ok(()) => {
+                self.metrics.add_dead_lettered();
+                settle(acker.ack(), "ack").await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dead-letter publish failed; message returned for redelivery");
+                settle(acker.nack(true), "nack").await;
+            }
+        }
+    }
+}
+
+/// Calls the handler, turning a panic into a retryable error.
+async fn call_handler(handler: &dyn Handler, received: Received) -> Result<(), HandlerError> {
+    match AssertUnwindSafe(handler.handle(received))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".to_owned());
+            Err(HandlerError::new(FailureKind::Panic, text))
+        }
+    }
+}
+
+/// The dead letter: the message unchanged (id, key, payload, headers), with
+/// headers saying why, from where, after how many attempts and when.
+pub fn dead_letter_message(received: &Received, error: &HandlerError, group: &str) -> Message {
+    let mut letter = received.message.clone();
+    let headers = letter.headers_mut();
+    let reason: String = error.to_string().chars().take(1024).collect();
+    headers.insert(header::DLQ_REASON.into(), reason);
+    headers.insert(header::DLQ_ERROR_KIND.into(), error.kind().as_str().into());
+    headers.insert(header::DLQ_ORIGINAL_TOPIC.into(), received.topic.clone());
+    headers.insert(header::DLQ_ATTEMPTS.into(), received.attempt.to_string());
+    headers.insert(header::DLQ_GROUP.into(), group.into());
+    headers.insert(
+        header::DLQ_FAILED_AT.into(),
+        millis_since_epoch(now_millis()).to_string(),
+    );
+    if let Some(p) = received.partition {
+        headers.insert(header::DLQ_PARTITION.into(), p.to_string());
+    }
+    if let Some(o) = received.offset {
+        headers.insert(header::DLQ_OFFSET.into(), o.to_string());
+    }
+    letter
+}
+
+/// Acks and nacks that fail are logged, not fatal: the broker redelivers
+/// what was not acked, which at-least-once allows.
+async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
+    if let Err(e) = op.await {
+        tracing::warn!(error = %e, "{what} failed; the message may be redelivered");
+    }
+}
+
+fn lane_of(key: &str, lanes: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}

@@ -1,0 +1,418 @@
+//! The in-memory backend: the embedded default when no broker is enabled,
+//! and the reference the conformance suite is written against.
+//!
+//! Semantics match the real backends: every consumer group gets every
+//! message of a topic; members of a group share them; a delivery stays
+//! unacknowledged until acked, and is redelivered after a nack with requeue
+//! or when its subscription closes. Like Kafka with
+//! `auto.offset.reset=earliest`, a new group starts with the messages the
+//! topic retained (the last [`MemoryBrokerBuilder::retention`] ones).
+//! Nothing survives the process.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
+use crate::error::{BrokerError, Result};
+use crate::message::{check_outgoing, Message};
+use crate::topic::validate_topic;
+use crate::{Health, Publisher, Subscriber, Subscription};
+
+/// In-process broker. Cheap to clone: clones share the same topics.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> broker_core::Result<()> {
+/// use broker_core::{MemoryBroker, Message, Publisher, Subscriber, Subscription};
+/// let broker = MemoryBroker::new();
+/// let mut stream = broker.subscribe(Subscription::new("demo.things.happened", "g1")).await?;
+/// broker.publish("demo.things.happened", Message::new("hi")).await?;
+/// let delivery = stream.next().await.unwrap()?;
+/// assert_eq!(delivery.message().payload(), "hi");
+/// delivery.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topics: Mutex<HashMap<String, Topic>>,
+    closed: AtomicBool,
+    max_message_bytes: usize,
+    retention: usize,
+    next_stream_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Topic {
+    retained: VecDeque<Message>,
+    groups: HashMap<String, Arc<GroupQueue>>,
+}
+
+/// One queue per (group, topic), shared by the group's members.
+#[derive(Default)]
+struct GroupQueue {
+    state: Mutex<QueueState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<Pending>,
+    /// Delivered to a member and not settled, by tag, with the member's id.
+    unacked: BTreeMap<u64, (Pending, u64)>,
+    members: Vec<Member>,
+    next_member: usize,
+    next_tag: u64,
+}
+
+/// A subscribed member of the group. Like RabbitMQ, the queue pushes
+/// messages round-robin to members with prefetch room.
+struct Member {
+    id: u64,
+    prefetch: usize,
+    /// Unacked messages this member holds, handed out or not yet.
+    held: usize,
+    /// Tags pushed to this member, not yet returned by `next`.
+    inbox: VecDeque<u64>,
+}
+
+impl QueueState {
+    /// Pushes ready messages to members with room, round-robin.
+    fn dispatch(&mut self) {
+        while !self.ready.is_empty() {
+            let n = self.members.len();
+            let Some(i) = (0..n)
+                .map(|k| (self.next_member + k) % n)
+                .find(|&i| self.members[i].held < self.members[i].prefetch)
+            else {
+                return;
+            };
+            self.next_member = (i + 1) % n;
+            let pending = self.ready.pop_front().expect("not empty");
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let member = &mut self.members[i];
+            member.held += 1;
+            member.inbox.push_back(tag);
+            self.unacked.insert(tag, (pending, member.id));
+        }
+    }
+
+    /// Returns a member's unacked messages to the front of the queue, in
+    /// their original order, marked redelivered.
+    fn remove_member(&mut self, id: u64) {
+        self.members.retain(|m| m.id != id);
+        let held: Vec<u64> = self
+            .unacked
+            .iter()
+            .filter(|(_, (_, holder))| *holder == id)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in held.into_iter().rev() {
+            if let Some((mut pending, _)) = self.unacked.remove(&tag) {
+                pending.redelivered = true;
+                self.ready.push_front(pending);
+            }
+        }
+        self.dispatch();
+    }
+}
+
+impl GroupQueue {
+    /// Runs `f` on the state, then wakes every member to look at its inbox.
+    fn update<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
+        let out = f(&mut lock(&self.state));
+        self.changed.notify_waiters();
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Pending {
+    message: Message,
+    redelivered: bool,
+}
+
+/// Options for [`MemoryBroker`].
+#[derive(Debug, Clone)]
+pub struct MemoryBrokerBuilder {
+    max_message_bytes: usize,
+    retention: usize,
+}
+
+impl MemoryBrokerBuilder {
+    /// Largest accepted message (default 1 MiB, Kafka's default limit, so
+    /// code that works here does not fail on Kafka for size).
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+    /// Messages kept per topic for groups that join later (default 100,000).
+    pub fn retention(mut self, messages: usize) -> Self {
+        self.retention = messages;
+        self
+    }
+    /// Builds the broker.
+    pub fn build(self) -> MemoryBroker {
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                topics: Mutex::default(),
+                closed: AtomicBool::new(false),
+                max_message_bytes: self.max_message_bytes,
+                retention: self.retention,
+                next_stream_id: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("max_message_bytes", &self.inner.max_message_bytes)
+            .field("retention", &self.inner.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with default options.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+    /// Options: message size limit, retention.
+    pub fn builder() -> MemoryBrokerBuilder {
+        MemoryBrokerBuilder {
+            max_message_bytes: 1024 * 1024,
+            retention: 100_000,
+        }
+    }
+
+    fn topics(&self) -> MutexGuard<'_, HashMap<String, Topic>> {
+        lock(&self.inner.topics)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match self.inner.closed.load(Ordering::Acquire) {
+            true => Err(BrokerError::Closed("memory publisher")),
+            false => Ok(()),
+        }
+    }
+
+    fn append(&self, topics: &mut HashMap<String, Topic>, topic: &str, message: Message) {
+        let t = topics.entry(topic.to_owned()).or_default();
+        for queue in t.groups.values() {
+            queue.update(|q| {
+                q.ready.push_back(Pending {
+                    message: message.clone(),
+                    redelivered: false,
+                });
+                q.dispatch();
+            });
+        }
+        if self.inner.retention > 0 {
+            if t.retained.len() == self.inner.retention {
+                t.retained.pop_front();
+            }
+            t.retained.push_back(message);
+        }
+    }
+}
+
+// A poisoned lock only means another task panicked mid-update of plain
+// collections; the data is still consistent enough to keep serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        self.check_open()?;
+        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
+        self.append(&mut self.topics(), topic, message);
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.check_open()?;
+        for m in &messages {
+            check_outgoing(topic, m, self.inner.max_message_bytes)?;
+        }
+        let mut topics = self.topics();
+        for m in messages {
+            self.append(&mut topics, topic, m);
+        }
+        Ok(())
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes
+    }
+
+    async fn health(&self) -> Health {
+        match self.check_open() {
+            Ok(()) => Health::Healthy,
+            Err(e) => Health::Unhealthy(e.to_string()),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Publishing is synchronous here: nothing can be in flight.
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBroker {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        validate_topic(&subscription.topic)?;
+        if subscription.group.is_empty() {
+            return Err(BrokerError::Misconfigured("consumer group name is empty"));
+        }
+        let id = self.inner.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        let queue = {
+            let mut topics = self.topics();
+            let topic = topics.entry(subscription.topic.clone()).or_default();
+            let retained = &topic.retained;
+            topic
+                .groups
+                .entry(subscription.group.clone())
+                .or_insert_with(|| {
+                    let queue = GroupQueue::default();
+                    lock(&queue.state).ready = retained
+                        .iter()
+                        .map(|m| Pending {
+                            message: m.clone(),
+                            redelivered: false,
+                        })
+                        .collect();
+                    Arc::new(queue)
+                })
+                .clone()
+        };
+        queue.update(|q| {
+            q.members.push(Member {
+                id,
+                prefetch: subscription.prefetch.max(1),
+                held: 0,
+                inbox: VecDeque::new(),
+            });
+            q.dispatch();
+        });
+        Ok(Box::new(MemoryStream {
+            queue,
+            topic: subscription.topic,
+            id,
+        }))
+    }
+
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+}
+
+struct MemoryStream {
+    queue: Arc<GroupQueue>,
+    topic: String,
+    id: u64,
+}
+
+impl MemoryStream {
+    /// Takes the next message pushed to this member.
+    fn try_take(&self) -> Option<Delivery> {
+        let mut state = lock(&self.queue.state);
+        let member = state.members.iter_mut().find(|m| m.id == self.id)?;
+        let tag = member.inbox.pop_front()?;
+        let (pending, _) = &state.unacked[&tag];
+        Some(Delivery::new(
+            Received {
+                message: pending.message.clone(),
+                topic: self.topic.clone(),
+                redelivered: pending.redelivered,
+                partition: None,
+                offset: None,
+                attempt: 1,
+            },
+            Box::new(MemoryAcker {
+                queue: self.queue.clone(),
+                tag,
+            }),
+        ))
+    }
+}
+
+#[async_trait]
+impl DeliveryStream for MemoryStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            // Register for wake-ups before looking, so none is missed.
+            let changed = self.queue.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(d) = self.try_take() {
+                return Some(Ok(d));
+            }
+            changed.await;
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        // Drop requeues what this member still holds.
+        Ok(())
+    }
+}
+
+impl Drop for MemoryStream {
+    fn drop(&mut self) {
+        self.queue.update(|q| q.remove_member(self.id));
+    }
+}
+
+struct MemoryAcker {
+    queue: Arc<GroupQueue>,
+    tag: u64,
+}
+
+impl MemoryAcker {
+    fn settle(&self, requeue: bool) -> Result<()> {
+        self.queue.update(|q| {
+            let (mut pending, holder) = q
+                .unacked
+                .remove(&self.tag)
+                // Already returned to the queue because its stream closed.
+                .ok_or(BrokerError::Closed("memory subscription"))?;
+            if let Some(member) = q.members.iter_mut().find(|m| m.id == holder) {
+                member.held -= 1;
+            }
+            if requeue {
+                pending.redelivered = true;
+                q.ready.push_front(pending);
+            }
+            q.dispatch();
+            Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle(false)
+    }
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        self.settle(requeue)
+    }
+}

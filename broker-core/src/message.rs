@@ -1,0 +1,302 @@
+//! The message model shared by every backend.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::error::{BrokerError, Result};
+use crate::topic::validate_topic;
+
+/// String headers of a message. Ordered so that output is deterministic.
+pub type Headers = BTreeMap<String, String>;
+
+/// Header names the library reserves on the wire. Backends that have no
+/// native property for a field (Kafka) carry it in these headers.
+pub mod header {
+    /// The message id.
+    pub const MESSAGE_ID: &str = "message-id";
+    /// The correlation id.
+    pub const CORRELATION_ID: &str = "correlation-id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Creation time in milliseconds since the Unix epoch.
+    pub const TIMESTAMP: &str = "timestamp-ms";
+    /// Why a message was dead-lettered.
+    pub const DLQ_REASON: &str = "x-dlq-reason";
+    /// Kind of failure: `handler`, `permanent`, `decode`, `validation`, `panic`.
+    pub const DLQ_ERROR_KIND: &str = "x-dlq-error-kind";
+    /// The topic the message was consumed from.
+    pub const DLQ_ORIGINAL_TOPIC: &str = "x-dlq-original-topic";
+    /// How many times the handler ran.
+    pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
+    /// When it was dead-lettered, milliseconds since the Unix epoch.
+    pub const DLQ_FAILED_AT: &str = "x-dlq-failed-at-ms";
+    /// The consumer group that gave up on it.
+    pub const DLQ_GROUP: &str = "x-dlq-group";
+    /// Kafka partition the message came from.
+    pub const DLQ_PARTITION: &str = "x-dlq-partition";
+    /// Kafka offset the message came from.
+    pub const DLQ_OFFSET: &str = "x-dlq-offset";
+}
+
+/// One event on the wire: payload bytes plus the metadata every backend keeps.
+///
+/// ```
+/// use broker_core::Message;
+/// let msg = Message::new(&b"{\"user\":42}"[..])
+///     .with_key("user-42")
+///     .with_header("source", "quickstart")
+///     .with_correlation_id("req-7");
+/// assert_eq!(msg.key(), Some("user-42"));
+/// assert_eq!(msg.headers()["source"], "quickstart");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    id: String,
+    payload: Bytes,
+    key: Option<String>,
+    headers: Headers,
+    timestamp: SystemTime,
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Message {
+    /// A message with a fresh UUID (v7, so ids sort by creation time) and the current time.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: Uuid::now_v7().to_string(),
+            payload: payload.into(),
+            key: None,
+            headers: Headers::new(),
+            timestamp: now_millis(),
+            correlation_id: None,
+            traceparent: None,
+        }
+    }
+
+    /// Sets the id (backends use this when reading a message back).
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+    /// Sets the key: partition key on Kafka, ordering key everywhere.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+    /// Replaces all headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+    /// Sets the creation time (kept to millisecond precision, as brokers do).
+    pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = truncate_millis(timestamp);
+        self
+    }
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+    /// Sets the W3C `traceparent`.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// Carries the causal context of `cause` into this message: its
+    /// correlation id (or its id when it has none) and its trace id with a
+    /// new span id. Use it for events published while handling another.
+    pub fn caused_by(mut self, cause: &Message) -> Self {
+        self.correlation_id = Some(
+            cause
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| cause.id.clone()),
+        );
+        self.traceparent = Some(child_traceparent(cause.traceparent.as_deref()));
+        self
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+    /// The key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+    /// Mutable headers.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+    /// The creation time.
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+    /// Milliseconds since the Unix epoch.
+    pub fn timestamp_millis(&self) -> i64 {
+        millis_since_epoch(self.timestamp)
+    }
+    /// The correlation id, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+    /// The W3C `traceparent`, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+
+    /// Size counted against a backend's message limit: payload, key and headers.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.id.len()
+            + self.correlation_id.as_ref().map_or(0, String::len)
+            + self.traceparent.as_ref().map_or(0, String::len)
+    }
+
+    /// Starts a trace for this message if it carries none, so the consumer's
+    /// span can join the publisher's.
+    pub(crate) fn ensure_traceparent(&mut self) {
+        if self.traceparent.is_none() {
+            self.traceparent = Some(child_traceparent(None));
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    // Payloads can be large or sensitive: show their size, not their bytes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("payload_len", &self.payload.len())
+            .field("headers", &self.headers)
+            .field("timestamp_ms", &self.timestamp_millis())
+            .field("correlation_id", &self.correlation_id)
+            .field("traceparent", &self.traceparent)
+            .finish()
+    }
+}
+
+/// Checks what every backend refuses before sending: a bad topic name or a
+/// message over `max_bytes`. Backends call this first in `publish`.
+pub fn check_outgoing(topic: &str, message: &Message, max_bytes: usize) -> Result<()> {
+    validate_topic(topic)?;
+    let size = message.encoded_len();
+    if size > max_bytes {
+        return Err(BrokerError::MessageTooLarge {
+            size,
+            max: max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Current time at millisecond precision.
+pub fn now_millis() -> SystemTime {
+    truncate_millis(SystemTime::now())
+}
+
+/// Milliseconds since the Unix epoch (negative before it).
+pub fn millis_since_epoch(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+pub fn from_millis_since_epoch(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+fn truncate_millis(t: SystemTime) -> SystemTime {
+    from_millis_since_epoch(millis_since_epoch(t))
+}
+
+/// A W3C `traceparent` continuing `parent`'s trace with a new span id, or a
+/// new sampled trace when `parent` is absent or malformed.
+fn child_traceparent(parent: Option<&str>) -> String {
+    let trace_id = parent
+        .and_then(|p| {
+            let parts: Vec<&str> = p.split('-').collect();
+            (parts.len() == 4 && parts[1].len() == 32).then(|| parts[1].to_owned())
+        })
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
+    let span_id = &Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace_id}-{span_id}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_message_has_unique_id_and_ms_timestamp() {
+        let a = Message::new("x");
+        let b = Message::new("x");
+        assert_ne!(a.id(), b.id());
+        assert_eq!(from_millis_since_epoch(a.timestamp_millis()), a.timestamp());
+    }
+
+    #[test]
+    fn caused_by_keeps_trace_and_correlation() {
+        let cause = Message::new("c")
+            .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let effect = Message::new("e").caused_by(&cause);
+        assert_eq!(effect.correlation_id(), Some(cause.id()));
+        let tp = effect.traceparent().unwrap();
+        assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+        assert_ne!(tp, cause.traceparent().unwrap());
+        assert_eq!(tp.len(), 55);
+    }
+
+    #[test]
+    fn check_outgoing_refuses_topic_and_size() {
+        let msg = Message::new(vec![0u8; 100]);
+        assert!(matches!(
+            check_outgoing("bad topic", &msg, 1000),
+            Err(BrokerError::InvalidTopic(_))
+        ));
+        assert!(matches!(
+            check_outgoing("ok", &msg, 50),
+            Err(BrokerError::MessageTooLarge { max: 50, .. })
+        ));
+        assert!(check_outgoing("ok", &msg, 1000).is_ok());
+    }
+
+    #[test]
+    fn debug_hides_payload() {
+        let msg = Message::new("secret-payload");
+        assert!(!format!("{msg:?}").contains("secret-payload"));
+    }
+}
