@@ -1,0 +1,214 @@
+//! Consumer runtime behaviour that the conformance suite cannot provoke on a
+//! real broker: a failing dead-letter publisher, dropped handles, tracing
+//! context, dead-letter headers from partitioned backends.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_core::consumer::dead_letter_message;
+use broker_core::instrument::Instrumented;
+use broker_core::message::header;
+use broker_core::testkit::{fast_retry, Recorder};
+use broker_core::{
+    BrokerError, Consumer, FailureKind, HandlerError, Health, MemoryBroker, Message, Publisher,
+    Received, Result, Subscriber, Subscription,
+};
+
+/// A publisher that refuses the first `failures` publishes with a
+/// non-transient error, then forwards to the memory broker.
+struct FlakyDeadLetters {
+    inner: MemoryBroker,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl Publisher for FlakyDeadLetters {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(BrokerError::Rejected {
+                backend: "test",
+                reason: "dead-letter topic refused".into(),
+            });
+        }
+        self.inner.publish(topic, message).await
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn failed_dead_letter_publish_returns_message_for_redelivery() {
+    let broker = MemoryBroker::new();
+    let mut dlq = broker
+        .subscribe(Subscription::new("t.dlq", "viewer"))
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let attempts = attempts.clone();
+        move |_r: Received| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(HandlerError::retryable("always fails")) }
+        }
+    };
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .dead_letters(FlakyDeadLetters {
+            inner: broker.clone(),
+            failures: AtomicUsize::new(2),
+        })
+        .retry(fast_retry(2))
+        .handler(handler)
+        .start()
+        .await
+        .unwrap();
+    let sent = Message::new("x");
+    broker.publish("t", sent.clone()).await.unwrap();
+
+    let letter = tokio::time::timeout(Duration::from_secs(10), dlq.next())
+        .await
+        .expect("dead letter in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(letter.message().id(), sent.id());
+    consumer.shutdown(Duration::from_secs(5)).await.unwrap();
+    // Two refused dead-letter publishes = the message went round three times.
+    assert_eq!(attempts.load(Ordering::SeqCst), 6);
+    assert_eq!(letter.message().headers()[header::DLQ_ATTEMPTS], "2");
+}
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_consumer_and_returns_messages() {
+    let broker = MemoryBroker::new();
+    let recorder = Recorder::default();
+    let handler = {
+        let recorder = recorder.clone();
+        move |r: Received| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.record(r);
+                Ok(())
+            }
+        }
+    };
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .handler(handler)
+        .start()
+        .await
+        .unwrap();
+    broker.publish("t", Message::new("1")).await.unwrap();
+    recorder
+        .wait_until(Duration::from_secs(5), "first handled", |s| s.len() == 1)
+        .await;
+    drop(consumer);
+    // The dropped consumer must have left the group: a new member gets the next message.
+    let mut member = broker.subscribe(Subscription::new("t", "g")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let next = Message::new("2");
+    broker.publish("t", next.clone()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), member.next())
+        .await
+        .expect("delivery to the remaining member")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().id(), next.id());
+    assert_eq!(recorder.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn trace_context_flows_from_publisher_to_handler() {
+    let broker = MemoryBroker::new();
+    let publisher = Instrumented::new(broker.clone());
+    let recorder = Recorder::default();
+    let handler = {
+        let recorder = recorder.clone();
+        move |r: Received| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.record(r);
+                Ok(())
+            }
+        }
+    };
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .handler(handler)
+        .start()
+        .await
+        .unwrap();
+    publisher.publish("t", Message::new("x")).await.unwrap();
+    let explicit = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    publisher
+        .publish("t", Message::new("y").with_traceparent(explicit))
+        .await
+        .unwrap();
+    recorder
+        .wait_until(Duration::from_secs(5), "both handled", |s| s.len() == 2)
+        .await;
+    consumer.shutdown(Duration::from_secs(5)).await.unwrap();
+    let seen = recorder.seen();
+    let started = seen[0]
+        .message
+        .traceparent()
+        .expect("publisher started a trace");
+    assert!(
+        started.starts_with("00-") && started.len() == 55,
+        "{started}"
+    );
+    assert_eq!(seen[1].message.traceparent(), Some(explicit));
+    assert_eq!(publisher.metrics().snapshot().published, 2);
+}
+
+#[test]
+fn dead_letter_keeps_message_and_adds_partition_and_offset() {
+    let original = Message::new("p")
+        .with_key("k")
+        .with_header("h", "v")
+        .with_correlation_id("c");
+    let received = Received {
+        message: original.clone(),
+        topic: "orders".into(),
+        redelivered: false,
+        partition: Some(2),
+        offset: Some(41),
+        attempt: 3,
+    };
+    let letter = dead_letter_message(
+        &received,
+        &HandlerError::new(FailureKind::Handler, "x".repeat(5000)),
+        "billing",
+    );
+    assert_eq!(letter.id(), original.id());
+    assert_eq!(letter.payload(), original.payload());
+    assert_eq!(letter.correlation_id(), Some("c"));
+    let h = letter.headers();
+    assert_eq!(h["h"], "v");
+    assert_eq!(h[header::DLQ_PARTITION], "2");
+    assert_eq!(h[header::DLQ_OFFSET], "41");
+    assert_eq!(h[header::DLQ_ATTEMPTS], "3");
+    assert_eq!(h[header::DLQ_GROUP], "billing");
+    // Long reasons are cut so a dead letter stays within broker limits.
+    assert!(h[header::DLQ_REASON].len() <= 1024);
+}
+
+#[tokio::test]
+async fn start_without_handler_is_a_typed_error() {
+    let r = Consumer::builder(MemoryBroker::new(), "t", "g")
+        .start()
+        .await;
+    assert!(matches!(r, Err(BrokerError::Misconfigured(_))));
+    let r = Consumer::builder(MemoryBroker::new(), "bad topic", "g")
+        .handler(|_r: Received| async { Ok(()) })
+        .start()
+        .await;
+    assert!(matches!(r, Err(BrokerError::InvalidTopic(_))));
+}
