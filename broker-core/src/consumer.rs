@@ -253,20 +253,28 @@ impl Runtime {
                 }
                 Some(Ok(d)) => d,
             };
-            let lane = match delivery.message().key() {
-                Some(key) => lane_of(key, lanes),
+            // Keyed: the key's lane, to keep order. Unkeyed: any lane with room.
+            let (first, count) = match delivery.message().key() {
+                Some(key) => (lane_of(key, lanes), 1),
                 None => {
                     next_unkeyed = (next_unkeyed + 1) % lanes;
-                    next_unkeyed
+                    (next_unkeyed, lanes)
                 }
             };
+            let candidates = (0..count).map(|i| &senders[(first + i) % lanes]);
+            if let Some(permit) = candidates.clone().find_map(|lane| lane.try_reserve().ok()) {
+                permit.send(delivery);
+                continue;
+            }
+            let free_lane =
+                futures::future::select_all(candidates.map(|lane| Box::pin(lane.reserve())));
             tokio::select! {
                 biased;
                 _ = stop_requested(&mut stop) => {
                     settle(delivery.nack(true), "nack").await;
                     break Ok(());
                 }
-                permit = senders[lane].reserve() => match permit {
+                (permit, _, _) = free_lane => match permit {
                     Ok(permit) => permit.send(delivery),
                     Err(_) => break Err(BrokerError::Closed("consumer lane")),
                 },
