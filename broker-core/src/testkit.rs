@@ -193,6 +193,14 @@ impl Recorder {
         self.seen.lock().unwrap().push(r);
         self.changed.notify_waiters();
     }
+    /// A handler that records every message and succeeds.
+    pub fn handler(&self) -> impl crate::Handler {
+        let recorder = self.clone();
+        move |r: Received| {
+            recorder.record(r);
+            async { Ok(()) }
+        }
+    }
     /// Everything recorded so far.
     pub fn seen(&self) -> Vec<Received> {
         self.seen.lock().unwrap().clone()

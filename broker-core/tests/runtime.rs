@@ -91,18 +91,8 @@ async fn failed_dead_letter_publish_returns_message_for_redelivery() {
 async fn dropping_the_handle_stops_the_consumer_and_returns_messages() {
     let broker = MemoryBroker::new();
     let recorder = Recorder::default();
-    let handler = {
-        let recorder = recorder.clone();
-        move |r: Received| {
-            let recorder = recorder.clone();
-            async move {
-                recorder.record(r);
-                Ok(())
-            }
-        }
-    };
     let consumer = Consumer::builder(broker.clone(), "t", "g")
-        .handler(handler)
+        .handler(recorder.handler())
         .start()
         .await
         .unwrap();
@@ -130,18 +120,8 @@ async fn trace_context_flows_from_publisher_to_handler() {
     let broker = MemoryBroker::new();
     let publisher = Instrumented::new(broker.clone());
     let recorder = Recorder::default();
-    let handler = {
-        let recorder = recorder.clone();
-        move |r: Received| {
-            let recorder = recorder.clone();
-            async move {
-                recorder.record(r);
-                Ok(())
-            }
-        }
-    };
     let consumer = Consumer::builder(broker.clone(), "t", "g")
-        .handler(handler)
+        .handler(recorder.handler())
         .start()
         .await
         .unwrap();
