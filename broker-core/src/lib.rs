@@ -51,6 +51,7 @@ pub mod instrument;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+pub mod migrate;
 pub mod topic;
 
 #[cfg(feature = "testkit")]
