@@ -369,17 +369,30 @@ impl Runtime {
     ) {
         tracing::error!(attempts = received.attempt, error = %error, dlq = %self.dead_letter_topic, "dead-lettering message");
         let letter = dead_letter_message(&received, &error, &self.group);
-        let policy = Backoff::reconnect_default();
-        let publish = policy.retry(
-            || {
-                self.dead_letters
-                    .publish(&self.dead_letter_topic, letter.clone())
-            },
-            BrokerError::is_transient,
-        );
-        let published = tokio::select! {
-            r = publish => r.map_err(|(e, _)| e),
-            _ = stop_requested(&mut stop) => Err(BrokerError::Closed("consumer")),
+        // A publish already under way finishes even when shutdown begins (the
+        // shutdown deadline still bounds it): abandoning it could leave a dead
+        // letter the broker has accepted while the original is redelivered.
+        // Shutdown only stops further attempts.
+        let mut delays = Backoff::reconnect_default().delays();
+        let published = loop {
+            let error = match self
+                .dead_letters
+                .publish(&self.dead_letter_topic, letter.clone())
+                .await
+            {
+                Ok(()) => break Ok(()),
+                Err(e) => e,
+            };
+            let delay = match error.is_transient() {
+                true => delays.next(),
+                false => None,
+            };
+            let Some(delay) = delay else { break Err(error) };
+            tracing::warn!(?delay, error = %error, "dead-letter publish failed; will retry");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop_requested(&mut stop) => break Err(error),
+            }
         };
         match published {
             Ok(()) => {

@@ -78,6 +78,19 @@ pub enum BrokerError {
         failed: Vec<BatchFailure>,
     },
 
+    /// The broker refused an operation for a reason retrying cannot fix:
+    /// access denied, or a declaration that conflicts with what exists (a
+    /// queue declared earlier with other arguments, say). Never transient.
+    #[error("{backend} refused {operation}: {reason}")]
+    Refused {
+        /// Backend name.
+        backend: &'static str,
+        /// What was refused (`declare queue`, `publish`, ...).
+        operation: &'static str,
+        /// Why, as reported by the broker.
+        reason: String,
+    },
+
     /// A consumer was started without something it needs.
     #[error("consumer misconfigured: {0}")]
     Misconfigured(&'static str),

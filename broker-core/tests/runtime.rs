@@ -192,3 +192,75 @@ async fn start_without_handler_is_a_typed_error() {
         .await;
     assert!(matches!(r, Err(BrokerError::InvalidTopic(_))));
 }
+
+/// A dead-letter publisher that takes `delay` per publish and says when one began.
+struct SlowDeadLetters {
+    inner: MemoryBroker,
+    delay: Duration,
+    began: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Publisher for SlowDeadLetters {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        self.began.notify_one();
+        tokio::time::sleep(self.delay).await;
+        self.inner.publish(topic, message).await
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Shutdown during a dead-letter publish lets that publish finish (within
+/// the deadline) and acks the original: abandoning it would leave the dead
+/// letter on the broker and redeliver the original as well.
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_dead_letter_publish_finish() {
+    let broker = MemoryBroker::new();
+    let mut dlq = broker
+        .subscribe(Subscription::new("t.dlq", "viewer"))
+        .await
+        .unwrap();
+    let began = Arc::new(tokio::sync::Notify::new());
+    let metrics = Arc::new(broker_core::metrics::Metrics::default());
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .metrics(metrics.clone())
+        .dead_letters(SlowDeadLetters {
+            inner: broker.clone(),
+            delay: Duration::from_millis(500),
+            began: began.clone(),
+        })
+        .handler(|_r: Received| async { Err::<(), _>(HandlerError::permanent("bad")) })
+        .start()
+        .await
+        .unwrap();
+    broker.publish("t", Message::new("x")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), began.notified())
+        .await
+        .expect("dead-letter publish began");
+    consumer.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(metrics.snapshot().dead_lettered, 1);
+
+    let letter = tokio::time::timeout(Duration::from_secs(5), dlq.next())
+        .await
+        .expect("dead letter published")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        letter.message().headers()[header::DLQ_ERROR_KIND],
+        "permanent"
+    );
+    let mut member = broker.subscribe(Subscription::new("t", "g")).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_millis(300), member.next()).await;
+    assert!(
+        again.is_err(),
+        "original redelivered after its dead letter: {again:?}"
+    );
+}
