@@ -1,0 +1,269 @@
+//! Subscriptions: a channel with a consumer on the group's queue, kept alive
+//! by a task that reconnects and resumes when the channel is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_core::topic::validate_topic;
+use broker_core::{Acker, BrokerError, Delivery, DeliveryStream, Received, Result, Subscription};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Consumer};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::codec::{self, short};
+use crate::{topology, Failure, Inner, BACKEND};
+
+/// How long `close` waits for the consumer to be cancelled and its channel closed.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn subscribe(
+    inner: Arc<Inner>,
+    subscription: Subscription,
+) -> Result<Box<dyn DeliveryStream>> {
+    validate_topic(&subscription.topic)?;
+    if subscription.group.is_empty() {
+        return Err(BrokerError::Misconfigured("consumer group name is empty"));
+    }
+    let queue = topology::group_queue(&subscription.topic, &subscription.group);
+    short("queue name (topic and group)", &queue)?;
+    // Opened here, not in the task, so the caller sees setup errors and
+    // messages published after `subscribe` returns reach the queue.
+    let live = open_with_retry(&inner, &subscription).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(pump(inner, subscription.clone(), live, tx, stop_rx));
+    Ok(Box::new(RabbitStream {
+        deliveries: rx,
+        stop: Some(stop_tx),
+        task: Some(task),
+    }))
+}
+
+/// A channel consuming the group's queue.
+struct Live {
+    channel: Channel,
+    consumer: Consumer,
+}
+
+async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
+    let channel = inner.channel().await?;
+    let opened = async {
+        let queue = topology::declare_subscription(inner, &channel, &sub.topic, &sub.group).await?;
+        let prefetch = u16::try_from(sub.prefetch.max(1)).unwrap_or(u16::MAX);
+        inner
+            .bounded(
+                "basic qos",
+                channel.basic_qos(prefetch, BasicQosOptions::default()),
+            )
+            .await?;
+        let tag = ShortString::from(format!("broker-{}", uuid::Uuid::new_v4().simple()));
+        let consumer = inner
+            .bounded(
+                "basic consume",
+                channel.basic_consume(
+                    short("queue name", &queue).map_err(Failure::Final)?,
+                    tag,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        Ok(consumer)
+    };
+    match opened.await {
+        Ok(consumer) => Ok(Live { channel, consumer }),
+        Err(f) => {
+            // Do not leave a half-set-up channel open.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                channel.close(200, "setup failed".into()),
+            )
+            .await;
+            Err(f)
+        }
+    }
+}
+
+/// Opens the subscription, retrying losses with the reconnect policy.
+async fn open_with_retry(inner: &Inner, sub: &Subscription) -> Result<Live> {
+    inner
+        .options
+        .reconnect
+        .retry(|| open(inner, sub), |f| matches!(f, Failure::Lost(_)))
+        .await
+        .map_err(|(failure, attempts)| failure.after_retries(attempts as usize))
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Lost(e) | Failure::Final(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Moves deliveries from the consumer to the stream; on loss, reopens.
+async fn pump(
+    inner: Arc<Inner>,
+    sub: Subscription,
+    mut live: Live,
+    tx: mpsc::UnboundedSender<Result<Delivery>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let lost = loop {
+            tokio::select! {
+                _ = &mut stop => return cancel(&inner, live).await,
+                _ = tx.closed() => return cancel(&inner, live).await,
+                next = live.consumer.next() => match next {
+                    Some(Ok(d)) => {
+                        let delivery = to_delivery(&sub.topic, d, inner.options.operation_timeout);
+                        if tx.send(Ok(delivery)).is_err() {
+                            return cancel(&inner, live).await;
+                        }
+                    }
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "consumer cancelled".to_owned(),
+                },
+            }
+        };
+        tracing::warn!(topic = %sub.topic, group = %sub.group, reason = %lost, "RabbitMQ subscription lost; resubscribing");
+        // The stream's owner may stop us while we reconnect.
+        let reopened = tokio::select! {
+            _ = &mut stop => return,
+            _ = tx.closed() => return,
+            r = open_with_retry(&inner, &sub) => r,
+        };
+        match reopened {
+            Ok(l) => {
+                tracing::info!(topic = %sub.topic, group = %sub.group, "RabbitMQ subscription resumed");
+                live = l;
+            }
+            Err(BrokerError::Closed(_)) => return, // shut down on purpose: the stream just ends
+            Err(e) => {
+                tracing::error!(topic = %sub.topic, group = %sub.group, error = %e, "RabbitMQ subscription gave up");
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// Cancels the consumer and closes its channel: RabbitMQ requeues what was
+/// delivered and not acked.
+async fn cancel(inner: &Inner, live: Live) {
+    let tag = live.consumer.tag();
+    if let Err(f) = inner
+        .bounded(
+            "basic cancel",
+            live.channel
+                .basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await
+    {
+        tracing::debug!(error = %f, "cancelling consumer");
+    }
+    if let Err(f) = inner
+        .bounded("channel close", live.channel.close(200, "closed".into()))
+        .await
+    {
+        tracing::debug!(error = %f, "closing consumer channel");
+    }
+}
+
+fn to_delivery(topic: &str, d: lapin::message::Delivery, timeout: Duration) -> Delivery {
+    let message = codec::decode(&d.properties, d.data);
+    Delivery::new(
+        Received {
+            message,
+            topic: topic.to_owned(),
+            redelivered: d.redelivered,
+            partition: None,
+            offset: None,
+            attempt: 1,
+        },
+        Box::new(RabbitAcker {
+            acker: d.acker,
+            timeout,
+        }),
+    )
+}
+
+struct RabbitStream {
+    deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+#[async_trait]
+impl DeliveryStream for RabbitStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        // Cancel-safe: a message is only taken out of the queue when returned.
+        self.deliveries.recv().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Deliveries queued here but not taken are requeued with the channel.
+        self.deliveries.close();
+        if let Some(task) = self.task.take() {
+            if tokio::time::timeout(CLOSE_WAIT, task).await.is_err() {
+                return Err(BrokerError::Timeout {
+                    operation: "subscription close",
+                    after: CLOSE_WAIT,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+struct RabbitAcker {
+    acker: lapin::Acker,
+    timeout: Duration,
+}
+
+impl RabbitAcker {
+    async fn settle(
+        &self,
+        operation: &'static str,
+        done: impl std::future::Future<Output = lapin::Result<bool>>,
+    ) -> Result<()> {
+        let done = tokio::time::timeout(self.timeout, done)
+            .await
+            .map_err(|_| BrokerError::Timeout {
+                operation,
+                after: self.timeout,
+            })?;
+        match done {
+            Ok(true) => Ok(()),
+            // Poisoned: the channel it came on is gone; RabbitMQ redelivers it.
+            Ok(false) => Err(BrokerError::Closed("rabbitmq channel of this delivery")),
+            Err(e) => Err(BrokerError::backend(BACKEND, e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle("ack", self.acker.ack(BasicAckOptions::default()))
+            .await
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        let options = BasicNackOptions {
+            requeue,
+            ..Default::default()
+        };
+        self.settle("nack", self.acker.nack(options)).await
+    }
+}
