@@ -1,1 +1,524 @@
-//! Placeholder: the backend lands with its own issue.
+//! Kafka backend of the broker library, on rdkafka (librdkafka).
+//!
+//! [`KafkaBroker`] implements [`Publisher`] and [`Subscriber`]; the shared
+//! consumer runtime of `broker-core` does retries, dead letters and
+//! concurrency on top.
+//!
+//! - Publishing waits for the delivery report (idempotent producer,
+//!   `acks=all`); batches are enqueued at once and awaited together.
+//! - Each [`Subscriber::subscribe`] is one member of the consumer group.
+//!   Offsets are committed only up to the lowest unfinished offset of each
+//!   partition, so concurrency never commits past a message still being
+//!   handled; revoked partitions commit what finished and are re-read by
+//!   their new owner (at-least-once).
+//! - Topics (and their `{topic}.dlq`) are created when first used, with
+//!   [`TopicSpec`] (disable with [`KafkaBrokerBuilder::auto_create_topics`]).
+//! - Every entry of [`KafkaSettings::properties`] goes to librdkafka as is
+//!   (TLS and SASL included); an invalid one is a [`BrokerError::Config`]
+//!   naming it, credentials never shown.
+//!
+//! ```no_run
+//! # async fn demo() -> broker_core::Result<()> {
+//! use broker_core::config::KafkaSettings;
+//! use broker_core::{Message, Publisher};
+//! use broker_kafka::KafkaBroker;
+//!
+//! let broker = KafkaBroker::connect(KafkaSettings::new("127.0.0.1:9092")).await?;
+//! broker.publish("billing.credits.granted", Message::new("hi").with_key("user-7")).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use broker_core::config::{ConfigError, KafkaSettings};
+use broker_core::message::check_outgoing;
+use broker_core::topic::{dead_letter_topic, validate_topic};
+use broker_core::{
+    batch_result, Backoff, BrokerError, DeliveryStream, Health, Message, Publisher, Result,
+    Subscriber, Subscription,
+};
+
+mod admin;
+mod client_config;
+mod codec;
+mod consumer;
+mod tracker;
+
+pub use admin::TopicSpec;
+
+use client_config::{client_config, config_error, effective, env_var_of, Role};
+use consumer::ConsumerOptions;
+
+const BACKEND: &str = "kafka";
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// Room for what Kafka adds around payload, key and headers (record and
+/// batch framing, header names of the reserved headers).
+const FRAMING_HEADROOM: usize = 16 * 1024;
+
+/// A Kafka connection: one idempotent producer, an admin client, and a
+/// consumer per subscription. Cheap to clone; clones share the producer.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: KafkaSettings,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// True once the publisher is closed. Publishes hold a read guard while
+    /// enqueueing, so `close` flushes everything that was enqueued.
+    closed: tokio::sync::RwLock<bool>,
+    /// Topics known to exist (created or found) by this broker.
+    known_topics: Mutex<HashSet<String>>,
+    options: Options,
+    max_message_bytes: usize,
+    message_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    topic_spec: TopicSpec,
+    auto_create_topics: bool,
+    reconnect: Backoff,
+    request_timeout: Duration,
+    consumer: ConsumerOptions,
+    max_message_bytes: Option<usize>,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // KafkaSettings' Debug redacts credentials.
+        f.debug_struct("KafkaBroker")
+            .field("settings", &self.inner.settings)
+            .field("max_message_bytes", &self.inner.max_message_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of a [`KafkaBroker`]; see [`KafkaBroker::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .connect() to build the broker"]
+pub struct KafkaBrokerBuilder {
+    settings: KafkaSettings,
+    options: Options,
+}
+
+impl KafkaBrokerBuilder {
+    /// How topics are created (default: 3 partitions, the cluster's
+    /// replication factor).
+    pub fn topic_spec(mut self, spec: TopicSpec) -> Self {
+        self.options.topic_spec = spec;
+        self
+    }
+    /// Whether topics (and the `{topic}.dlq` of subscribed topics) are
+    /// created on first use (default true). Turn off where the cluster's
+    /// topics are managed elsewhere.
+    pub fn auto_create_topics(mut self, on: bool) -> Self {
+        self.options.auto_create_topics = on;
+        self
+    }
+    /// Retry policy while the cluster cannot be reached: at connect, when
+    /// creating topics and when subscribing (default
+    /// [`Backoff::reconnect_default`]). When it runs out the call fails with
+    /// [`BrokerError::Unavailable`].
+    pub fn reconnect(mut self, policy: Backoff) -> Self {
+        self.options.reconnect = policy;
+        self
+    }
+    /// Timeout of one metadata or admin round trip (default 5 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.options.request_timeout = timeout;
+        self
+    }
+    /// How long `subscribe` waits for the group to assign partitions
+    /// (default 30 s; zero returns at once).
+    pub fn join_timeout(mut self, timeout: Duration) -> Self {
+        self.options.consumer.join_timeout = timeout;
+        self
+    }
+    /// How often finished offsets are committed (default 200 ms). Close
+    /// and rebalances commit at once regardless.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.options.consumer.commit_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+    /// Producer compression: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub fn compression(self, codec: &str) -> Self {
+        self.set("compression.type", codec)
+    }
+    /// Producer batch size in bytes (`batch.size`).
+    pub fn batch_size(self, bytes: usize) -> Self {
+        self.set("batch.size", bytes.to_string())
+    }
+    /// How long the producer waits to fill a batch (`linger.ms`, default 5 ms).
+    pub fn linger(self, linger: Duration) -> Self {
+        self.set("linger.ms", linger.as_millis().to_string())
+    }
+    /// Any librdkafka setting (`security.protocol`, `sasl.mechanism`, ...).
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings = self.settings.set(key, value);
+        self
+    }
+    /// Largest message accepted by `publish` (payload, key and headers).
+    /// Default: `message.max.bytes` (1,000,000) minus 16 KiB for framing.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.options.max_message_bytes = Some(bytes);
+        self
+    }
+
+    /// Creates the clients and checks that the cluster answers, retrying
+    /// per the reconnect policy.
+    pub async fn connect(self) -> Result<KafkaBroker> {
+        let settings = self.settings;
+        let options = self.options;
+        // Validate the consumer side now, not at the first subscribe.
+        let mut consumer_config = client_config(&settings, Role::Consumer);
+        consumer_config.set("group.id", "config-check");
+        consumer_config
+            .create_native_config()
+            .map_err(config_error)?;
+        let producer: FutureProducer = client_config(&settings, Role::Producer)
+            .create()
+            .map_err(config_error)?;
+        let admin: AdminClient<DefaultClientContext> = client_config(&settings, Role::Admin)
+            .create()
+            .map_err(config_error)?;
+
+        let limit = match effective(&settings, "message.max.bytes") {
+            Some(v) => v
+                .parse::<usize>()
+                .map_err(|_| invalid("message.max.bytes", v))?,
+            None => DEFAULT_MESSAGE_MAX_BYTES,
+        };
+        let max_message_bytes = options
+            .max_message_bytes
+            .unwrap_or(limit.saturating_sub(FRAMING_HEADROOM));
+        let message_timeout = effective(&settings, "message.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(30));
+
+        let broker = KafkaBroker {
+            inner: Arc::new(Inner {
+                settings,
+                producer,
+                admin,
+                closed: tokio::sync::RwLock::new(false),
+                known_topics: Mutex::new(HashSet::new()),
+                options,
+                max_message_bytes,
+                message_timeout,
+            }),
+        };
+        broker.wait_reachable().await?;
+        Ok(broker)
+    }
+}
+
+fn invalid(key: &str, value: &str) -> BrokerError {
+    BrokerError::Config(ConfigError::Invalid {
+        var: env_var_of(key),
+        reason: format!("`{key}` must be a number of bytes, not `{value}`"),
+    })
+}
+
+impl KafkaBroker {
+    /// Options on top of `settings`.
+    pub fn builder(settings: KafkaSettings) -> KafkaBrokerBuilder {
+        KafkaBrokerBuilder {
+            settings,
+            options: Options {
+                topic_spec: TopicSpec::default(),
+                auto_create_topics: true,
+                reconnect: Backoff::reconnect_default(),
+                request_timeout: Duration::from_secs(5),
+                consumer: ConsumerOptions {
+                    join_timeout: Duration::from_secs(30),
+                    commit_interval: Duration::from_millis(200),
+                    close_timeout: Duration::from_secs(30),
+                },
+                max_message_bytes: None,
+            },
+        }
+    }
+
+    /// Connects with default options.
+    pub async fn connect(settings: KafkaSettings) -> Result<KafkaBroker> {
+        Self::builder(settings).connect().await
+    }
+
+    /// The settings this broker was built from (credentials redacted in `Debug`).
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.inner.settings
+    }
+
+    /// Creates `topic` with `spec` unless it exists (then it is left as
+    /// it is), and waits until the cluster's metadata shows it.
+    pub async fn create_topic(&self, topic: &str, spec: &TopicSpec) -> Result<()> {
+        validate_topic(topic)?;
+        self.create_with_retry(&[topic], spec).await?;
+        self.known().insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Creates `topic` and its dead-letter topic `{topic}.dlq` with `spec`.
+    pub async fn create_topic_with_dlq(&self, topic: &str, spec: &TopicSpec) -> Result<()> {
+        validate_topic(topic)?;
+        let dlq = dead_letter_topic(topic);
+        self.create_with_retry(&[topic, &dlq], spec).await?;
+        self.known().extend([topic.to_owned(), dlq]);
+        Ok(())
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .known_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the topics not known yet, when auto-creation is on.
+    async fn ensure_topics(&self, topics: &[&str]) -> Result<()> {
+        if !self.inner.options.auto_create_topics {
+            return Ok(());
+        }
+        let missing: Vec<&str> = {
+            let known = self.known();
+            topics
+                .iter()
+                .copied()
+                .filter(|t| !known.contains(*t))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.create_with_retry(&missing, &self.inner.options.topic_spec)
+            .await?;
+        self.known().extend(missing.into_iter().map(str::to_owned));
+        Ok(())
+    }
+
+    async fn create_with_retry(&self, topics: &[&str], spec: &TopicSpec) -> Result<()> {
+        let timeout = self.inner.options.request_timeout;
+        self.inner
+            .options
+            .reconnect
+            .retry(
+                || {
+                    admin::create_topics(
+                        &self.inner.admin,
+                        &self.inner.producer,
+                        topics,
+                        spec,
+                        timeout,
+                    )
+                },
+                BrokerError::is_transient,
+            )
+            .await
+            .map_err(|(e, attempts)| unavailable(e, attempts))
+    }
+
+    /// One metadata round trip.
+    async fn metadata_round_trip(&self) -> Result<usize> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.options.request_timeout;
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.brokers().len())
+        })
+        .await
+        .map_err(|e| BrokerError::backend(BACKEND, e))?
+        .map_err(|e| BrokerError::backend(BACKEND, e))
+    }
+
+    async fn wait_reachable(&self) -> Result<()> {
+        self.inner
+            .options
+            .reconnect
+            .retry(|| self.metadata_round_trip(), BrokerError::is_transient)
+            .await
+            .map(|_| ())
+            .map_err(|(e, attempts)| unavailable(e, attempts))
+    }
+
+    /// Enqueues one record, waiting while librdkafka's queue is full.
+    async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture> {
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(&message.payload()[..])
+            .headers(codec::encode_headers(message))
+            .timestamp(message.timestamp_millis());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.message_timeout;
+        loop {
+            match self.inner.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(self.produce_error(e)),
+            }
+        }
+    }
+
+    async fn delivered(&self, delivery: DeliveryFuture) -> Result<()> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.produce_error(e)),
+            Err(_canceled) => Err(BrokerError::backend(
+                BACKEND,
+                "the producer stopped before reporting the delivery",
+            )),
+        }
+    }
+
+    fn produce_error(&self, e: KafkaError) -> BrokerError {
+        match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageTimedOut) => BrokerError::Timeout {
+                operation: "kafka publish",
+                after: self.inner.message_timeout,
+            },
+            Some(
+                code @ (RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidTopic),
+            ) => BrokerError::Rejected {
+                backend: BACKEND,
+                reason: code.to_string(),
+            },
+            _ => BrokerError::backend(BACKEND, e),
+        }
+    }
+
+    async fn health_check(&self) -> Health {
+        match self.metadata_round_trip().await {
+            Ok(0) => Health::Unhealthy("kafka: metadata lists no brokers".into()),
+            Ok(_) => Health::Healthy,
+            Err(e) => Health::Unhealthy(e.to_string()),
+        }
+    }
+}
+
+fn unavailable(e: BrokerError, attempts: u32) -> BrokerError {
+    match e {
+        e if e.is_transient() => BrokerError::Unavailable {
+            backend: BACKEND,
+            attempts: attempts as usize,
+            source: Box::new(e),
+        },
+        e => e,
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
+        self.ensure_topics(&[topic]).await?;
+        let delivery = {
+            let closed = self.inner.closed.read().await;
+            if *closed {
+                return Err(BrokerError::Closed("kafka publisher"));
+            }
+            self.enqueue(topic, &message).await?
+        };
+        self.delivered(delivery).await
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        for m in &messages {
+            check_outgoing(topic, m, self.inner.max_message_bytes)?;
+        }
+        self.ensure_topics(&[topic]).await?;
+        // Enqueue everything, then wait for all reports: librdkafka batches
+        // the records instead of one round trip per message.
+        let mut pending = Vec::with_capacity(messages.len());
+        {
+            let closed = self.inner.closed.read().await;
+            if *closed {
+                return Err(BrokerError::Closed("kafka publisher"));
+            }
+            for m in &messages {
+                pending.push(self.enqueue(topic, m).await);
+            }
+        }
+        let results = futures::future::join_all(pending.into_iter().map(|p| async move {
+            match p {
+                Ok(delivery) => self.delivered(delivery).await,
+                Err(e) => Err(e),
+            }
+        }))
+        .await;
+        batch_result(results)
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes
+    }
+
+    async fn health(&self) -> Health {
+        self.health_check().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        *self.inner.closed.write().await = true;
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.message_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| BrokerError::backend(BACKEND, e))?
+            .map_err(|_| BrokerError::Timeout {
+                operation: "kafka producer flush",
+                after: timeout,
+            })
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBroker {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        validate_topic(&subscription.topic)?;
+        if subscription.group.is_empty() {
+            return Err(BrokerError::Misconfigured("empty consumer group name"));
+        }
+        let dlq = dead_letter_topic(&subscription.topic);
+        if subscription.topic.ends_with(".dlq") {
+            self.ensure_topics(&[&subscription.topic]).await?;
+        } else {
+            self.ensure_topics(&[&subscription.topic, &dlq]).await?;
+        }
+        if !self.inner.options.auto_create_topics {
+            self.wait_reachable().await?;
+        }
+        consumer::open(
+            &self.inner.settings,
+            subscription,
+            &self.inner.options.consumer,
+        )
+        .await
+    }
+
+    async fn health(&self) -> Health {
+        self.health_check().await
+    }
+}

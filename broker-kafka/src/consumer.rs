@@ -1,0 +1,567 @@
+//! One subscription = one group member (`StreamConsumer`).
+//!
+//! A background *driver* task polls the consumer all the time, so group
+//! joins, rebalances and commit reports are served even while the
+//! application is busy. It buffers received records (counted as unfinished
+//! in the [`OffsetTracker`]) and pauses the assigned partitions while the
+//! buffered plus handed-out deliveries reach the prefetch bound. Pausing
+//! bumps librdkafka's fetch version, so records fetched but not yet returned
+//! are dropped and re-fetched after resume: nothing is skipped.
+//!
+//! Commits: periodically (async) the lowest unfinished offset of each owned
+//! partition; on revoke and on close (sync) what finished. Acks of revoked
+//! partitions are ignored: the new owner re-reads from the committed
+//! position (at-least-once).
+//!
+//! `nack(requeue)`: Kafka has no per-message nack. The record's offset stays
+//! unfinished (nothing at or after it is committed) and the stream hands the
+//! same record out again, in offset order among the buffered records of its
+//! partition.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use broker_core::config::KafkaSettings;
+use broker_core::{Acker, BrokerError, Delivery, DeliveryStream, Received, Result, Subscription};
+
+use crate::client_config::{client_config, config_error, Role};
+use crate::codec::decode;
+use crate::tracker::{OffsetTracker, Token};
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// How long the driver stops polling at the prefetch bound before it
+/// pauses the partitions (pausing drops what librdkafka prefetched).
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// Tuning of subscriptions, from the broker's builder.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerOptions {
+    /// How long `subscribe` waits for the first partition assignment.
+    pub join_timeout: Duration,
+    /// How often finished offsets are committed.
+    pub commit_interval: Duration,
+    /// Bound on the final commit and leaving the group at close.
+    pub close_timeout: Duration,
+}
+
+/// State shared by the stream, its driver, its ackers and the rebalance
+/// callbacks (which run inside the driver's poll).
+struct Shared {
+    topic: String,
+    state: Mutex<State>,
+    /// Driver → stream: a delivery is buffered (or the driver stopped).
+    ready: Notify,
+    /// Ackers and rebalances → driver: unfinished deliveries went down.
+    room: Notify,
+    /// True once the first assignment (possibly empty) arrived.
+    assigned: watch::Sender<bool>,
+    /// Assignments so far: the driver re-pauses after one.
+    assignments: AtomicU64,
+}
+
+struct State {
+    tracker: OffsetTracker,
+    buffer: VecDeque<Buffered>,
+    failure: Option<BrokerError>,
+    finished: bool,
+}
+
+struct Buffered {
+    received: Received,
+    token: Token,
+}
+
+impl Buffered {
+    fn partition(&self) -> i32 {
+        self.received.partition.unwrap_or_default()
+    }
+    fn offset(&self) -> i64 {
+        self.received.offset.unwrap_or_default()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain collections behind;
+        // carrying on is safer than poisoning every later ack.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn partitions_of(&self, tpl: &TopicPartitionList) -> BTreeSet<i32> {
+        tpl.elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+/// Rebalance and commit callbacks, run by librdkafka inside `recv`.
+struct GroupContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let partitions = self.shared.partitions_of(tpl);
+                let commits: Vec<(i32, i64)> = {
+                    let mut state = self.shared.lock();
+                    // Buffered but not handed out: the new owner gets them.
+                    state
+                        .buffer
+                        .retain(|b| !partitions.contains(&b.partition()));
+                    partitions
+                        .iter()
+                        .filter_map(|&p| state.tracker.revoke(p).map(|o| (p, o)))
+                        .collect()
+                };
+                tracing::info!(topic = %self.shared.topic, ?partitions, "partitions revoked");
+                // A lost assignment belongs to someone else already: committing would fail.
+                if !commits.is_empty() && !consumer.assignment_lost() {
+                    let tpl = offsets_list(&self.shared.topic, &commits);
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(error = %e, "commit on revoke failed; finished messages may be redelivered");
+                    }
+                }
+                self.shared.room.notify_one();
+            }
+            Rebalance::Assign(tpl) => {
+                let partitions = self.shared.partitions_of(tpl);
+                tracing::info!(topic = %self.shared.topic, ?partitions, "partitions assigned");
+                let mut state = self.shared.lock();
+                for p in partitions {
+                    state.tracker.assign(p);
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka keeps a partition's pause flag across revoke and
+            // re-assign: clear it, the driver pauses again if it must.
+            if tpl.count() > 0 {
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "resume of assigned partitions failed");
+                }
+            }
+            self.shared.assignments.fetch_add(1, Ordering::AcqRel);
+            self.shared.assigned.send_replace(true);
+            self.shared.room.notify_one();
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+            let mut state = self.shared.lock();
+            for elem in offsets.elements_for_topic(&self.shared.topic) {
+                if let Offset::Offset(o) = elem.offset() {
+                    state.tracker.commit_failed(elem.partition(), o);
+                }
+            }
+        }
+    }
+}
+
+fn offsets_list(topic: &str, offsets: &[(i32, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for &(partition, offset) in offsets {
+        // Only fails for an unrepresentable offset; ours are plain positions.
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    tpl
+}
+
+/// Joins `subscription.group` on its topic and starts the driver; waits (up
+/// to the join timeout) for the first assignment so that the subscription
+/// is live when this returns.
+pub(crate) async fn open(
+    settings: &KafkaSettings,
+    subscription: Subscription,
+    options: &ConsumerOptions,
+) -> Result<Box<dyn DeliveryStream>> {
+    let (assigned, mut assigned_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        topic: subscription.topic.clone(),
+        state: Mutex::new(State {
+            tracker: OffsetTracker::new(),
+            buffer: VecDeque::new(),
+            failure: None,
+            finished: false,
+        }),
+        ready: Notify::new(),
+        room: Notify::new(),
+        assigned,
+        assignments: AtomicU64::new(0),
+    });
+    let mut config = client_config(settings, Role::Consumer);
+    config.set("group.id", &subscription.group);
+    let consumer: GroupConsumer = config
+        .create_with_context(GroupContext {
+            shared: shared.clone(),
+        })
+        .map_err(config_error)?;
+    consumer
+        .subscribe(&[&subscription.topic])
+        .map_err(|e| BrokerError::backend("kafka", e))?;
+    let consumer = Arc::new(consumer);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let driver = tokio::spawn(drive(
+        consumer,
+        shared.clone(),
+        subscription.prefetch.max(1),
+        options.clone(),
+        stop_rx,
+    ));
+    let stream = KafkaStream {
+        shared,
+        stop: Some(stop_tx),
+        driver: Some(driver),
+        close_timeout: options.close_timeout,
+    };
+    if !options.join_timeout.is_zero() {
+        let joined = tokio::time::timeout(options.join_timeout, assigned_rx.wait_for(|a| *a)).await;
+        if joined.is_err() {
+            tracing::warn!(
+                topic = %subscription.topic,
+                group = %subscription.group,
+                timeout = ?options.join_timeout,
+                "no partition assignment yet; the subscription starts receiving once the group settles"
+            );
+        }
+    }
+    Ok(Box::new(stream))
+}
+
+/// Polls the consumer until stopped: buffers records, pauses at the
+/// prefetch bound, commits periodically; at the end commits what finished
+/// and leaves the group.
+async fn drive(
+    consumer: Arc<GroupConsumer>,
+    shared: Arc<Shared>,
+    prefetch: usize,
+    options: ConsumerOptions,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(options.commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = false;
+    let mut full_since: Option<tokio::time::Instant> = None;
+    let mut seen_assignments = 0u64;
+    let mut last_error: Option<String> = None;
+    let outcome = loop {
+        let full = shared.lock().tracker.pending() >= prefetch;
+        match (full, full_since) {
+            (true, None) => full_since = Some(tokio::time::Instant::now()),
+            (false, Some(_)) => {
+                full_since = None;
+                if paused {
+                    set_paused(&consumer, false);
+                    paused = false;
+                }
+            }
+            _ => {}
+        }
+        // A new assignment starts unpaused (see `post_rebalance`).
+        let assignments = shared.assignments.load(Ordering::Acquire);
+        if assignments != seen_assignments {
+            seen_assignments = assignments;
+            if paused {
+                set_paused(&consumer, true);
+            }
+        }
+        // At the bound, stop taking records. Briefly just stop polling (the
+        // application usually frees room within milliseconds, and librdkafka
+        // keeps what it fetched); after PAUSE_AFTER pause the partitions and
+        // poll again, so that rebalances and group joins are still served.
+        let pause_at = full_since.map(|t| t + PAUSE_AFTER);
+        tokio::select! {
+            biased;
+            // Resolves on `send` (close) and on drop of the stream alike.
+            _ = &mut stop => break Ok(()),
+            _ = tick.tick() => commit_finished(&consumer, &shared),
+            _ = shared.room.notified(), if full => {}
+            _ = sleep_until_opt(pause_at), if full && !paused => {
+                set_paused(&consumer, true);
+                paused = true;
+            }
+            record = consumer.recv(), if !full || paused => match record {
+                Ok(record) => {
+                    if record.topic() != shared.topic {
+                        continue;
+                    }
+                    let (partition, offset) = (record.partition(), record.offset());
+                    let received = Received {
+                        message: decode(&record),
+                        topic: shared.topic.clone(),
+                        redelivered: false,
+                        partition: Some(partition),
+                        offset: Some(offset),
+                        attempt: 1,
+                    };
+                    drop(record);
+                    let over = {
+                        let mut state = shared.lock();
+                        let token = state.tracker.received(partition, offset);
+                        state.buffer.push_back(Buffered { received, token });
+                        state.tracker.pending() >= prefetch
+                    };
+                    shared.ready.notify_one();
+                    // A record while paused: its partition was assigned since.
+                    if over && paused {
+                        set_paused(&consumer, true);
+                    }
+                    last_error = None;
+                }
+                Err(e) => {
+                    if is_fatal(&e) {
+                        tracing::error!(error = %e, topic = %shared.topic, "consumer failed");
+                        break Err(BrokerError::backend("kafka", e));
+                    }
+                    // librdkafka reconnects by itself; say so once per kind of error.
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(&text) {
+                        tracing::warn!(error = %text, topic = %shared.topic, "consumer error; librdkafka keeps retrying");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+    };
+
+    let commits = {
+        let mut state = shared.lock();
+        state.buffer.clear();
+        state.tracker.close()
+    };
+    let topic = shared.topic.clone();
+    let leave = tokio::task::spawn_blocking(move || {
+        let result = match commits.is_empty() {
+            true => Ok(()),
+            false => consumer
+                .commit(&offsets_list(&topic, &commits), CommitMode::Sync)
+                .map_err(|e| BrokerError::backend("kafka", e)),
+        };
+        // Dropping the last handle closes the consumer: it leaves the group
+        // (its partitions go to the other members at once).
+        consumer.unsubscribe();
+        drop(consumer);
+        result
+    });
+    let committed = match tokio::time::timeout(options.close_timeout, leave).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
+        Err(_) => Err(BrokerError::Timeout {
+            operation: "kafka consumer close",
+            after: options.close_timeout,
+        }),
+    };
+    {
+        let mut state = shared.lock();
+        state.finished = true;
+        if let Err(e) = &outcome {
+            state.failure = Some(BrokerError::backend("kafka", e.to_string()));
+        }
+    }
+    shared.ready.notify_one();
+    outcome.and(committed)
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Errors after which the consumer cannot recover by itself.
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::MessageConsumptionFatal(_))
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+            )
+        )
+}
+
+fn set_paused(consumer: &GroupConsumer, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    if assignment.count() == 0 {
+        return;
+    }
+    let result = match pause {
+        true => consumer.pause(&assignment),
+        false => consumer.resume(&assignment),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "pause/resume failed");
+    }
+}
+
+/// Sends the positions that moved since the last commit (async: the result
+/// comes back through `commit_callback`).
+fn commit_finished(consumer: &GroupConsumer, shared: &Shared) {
+    let commits = shared.lock().tracker.take_commits();
+    if commits.is_empty() {
+        return;
+    }
+    if let Err(e) = consumer.commit(&offsets_list(&shared.topic, &commits), CommitMode::Async) {
+        tracing::warn!(error = %e, "offset commit failed; will retry");
+        let mut state = shared.lock();
+        for (p, o) in commits {
+            state.tracker.commit_failed(p, o);
+        }
+    }
+}
+
+/// The stream handed to the application.
+struct KafkaStream {
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    driver: Option<JoinHandle<Result<()>>>,
+    close_timeout: Duration,
+}
+
+#[async_trait]
+impl DeliveryStream for KafkaStream {
+    // Cancel-safe: the only await is the wake-up; a delivery leaves the
+    // buffer only in the same synchronous step that returns it.
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            let notified = self.shared.ready.notified();
+            {
+                let mut state = self.shared.lock();
+                if let Some(b) = state.buffer.pop_front() {
+                    return Some(Ok(self.delivery(b)));
+                }
+                if let Some(e) = state.failure.take() {
+                    return Some(Err(e));
+                }
+                if state.finished {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(driver) = self.driver.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.close_timeout * 2, driver).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
+            Err(_) => Err(BrokerError::Timeout {
+                operation: "kafka subscription close",
+                after: self.close_timeout * 2,
+            }),
+        }
+    }
+}
+
+impl KafkaStream {
+    fn delivery(&self, b: Buffered) -> Delivery {
+        let acker = KafkaAcker {
+            shared: self.shared.clone(),
+            received: b.received.clone(),
+            token: b.token,
+        };
+        Delivery::new(b.received, Box::new(acker))
+    }
+}
+
+/// Settles one delivery in the tracker.
+struct KafkaAcker {
+    shared: Arc<Shared>,
+    /// Kept to hand the record out again on `nack(requeue)`.
+    received: Received,
+    token: Token,
+}
+
+impl KafkaAcker {
+    fn position(&self) -> (i32, i64) {
+        (
+            self.received.partition.unwrap_or_default(),
+            self.received.offset.unwrap_or_default(),
+        )
+    }
+
+    fn finish(&self) {
+        let (partition, offset) = self.position();
+        if self
+            .shared
+            .lock()
+            .tracker
+            .ack(partition, offset, self.token)
+        {
+            self.shared.room.notify_one();
+        } else {
+            tracing::debug!(
+                partition,
+                offset,
+                "ack ignored: partition revoked or subscription closed; the message will be redelivered"
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.finish();
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        if !requeue {
+            // Dropped from the group: same as finished for the offsets.
+            self.finish();
+            return Ok(());
+        }
+        let (partition, offset) = self.position();
+        let mut state = self.shared.lock();
+        let Some(token) = state.tracker.requeue(partition, offset, self.token) else {
+            return Ok(());
+        };
+        let mut received = self.received;
+        received.redelivered = true;
+        received.attempt = 1;
+        // Before later records of the same partition, after earlier ones.
+        let at = state
+            .buffer
+            .iter()
+            .position(|b| b.partition() == partition && b.offset() > offset)
+            .unwrap_or(0);
+        state.buffer.insert(at, Buffered { received, token });
+        drop(state);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}

@@ -1,0 +1,410 @@
+//! Per-partition offset bookkeeping of one subscription: which delivered
+//! offsets are finished, and how far the group may safely commit.
+//!
+//! Kafka commits a position per partition, not per message. With several
+//! messages in flight (concurrency > 1, retries), acks arrive out of order,
+//! so the committable position is the *lowest unfinished* offset: every
+//! offset below it is finished. Committing further would lose the
+//! unfinished message on a crash; committing less only re-delivers finished
+//! ones (at-least-once).
+//!
+//! Pure logic, no broker: the consumer driver feeds it and acts on what it
+//! returns.
+
+use std::collections::BTreeMap;
+
+/// Identifies one hand-out of an offset. A redelivery of the same offset
+/// gets a new token, so a late ack of a superseded hand-out is ignored.
+pub(crate) type Token = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Received, not yet acked (buffered or held by the application).
+    Pending(Token),
+    /// Acked, but an earlier offset is still pending.
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    /// Offsets received and not yet below `position`.
+    slots: BTreeMap<i64, Slot>,
+    /// Next offset to consume after everything finished: what to commit.
+    position: Option<i64>,
+    /// The position last sent to the broker (optimistically).
+    committed: Option<i64>,
+}
+
+impl Partition {
+    /// Moves `position` over the finished prefix of `slots`.
+    fn advance(&mut self) {
+        while let Some(entry) = self.slots.first_entry() {
+            if *entry.get() != Slot::Done {
+                break;
+            }
+            let offset = *entry.key();
+            entry.remove();
+            self.position = Some(self.position.map_or(offset + 1, |p| p.max(offset + 1)));
+        }
+    }
+
+    fn uncommitted(&self) -> Option<i64> {
+        match (self.position, self.committed) {
+            (Some(p), Some(c)) if p <= c => None,
+            (p, _) => p,
+        }
+    }
+}
+
+/// Offsets of the partitions a subscription owns.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    partitions: BTreeMap<i32, Partition>,
+    next_token: Token,
+    /// Pending slots over all partitions: the prefetch bound counts these.
+    pending: usize,
+    closed: bool,
+}
+
+impl OffsetTracker {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// The partition was assigned: start from a clean slate (the group
+    /// resumes it from its committed offset).
+    pub(crate) fn assign(&mut self, partition: i32) {
+        if let Some(old) = self.partitions.insert(partition, Partition::default()) {
+            self.pending -= count_pending(&old);
+        }
+    }
+
+    /// The partition was revoked: returns the position to commit for it (if
+    /// it moved since the last commit) and forgets it. Later acks of its
+    /// offsets are ignored; the new owner re-reads them from that position.
+    pub(crate) fn revoke(&mut self, partition: i32) -> Option<i64> {
+        let old = self.partitions.remove(&partition)?;
+        self.pending -= count_pending(&old);
+        if self.closed {
+            return None;
+        }
+        old.uncommitted()
+    }
+
+    /// An offset was received (or received again after a rewind); it stays
+    /// pending until acked.
+    pub(crate) fn received(&mut self, partition: i32, offset: i64) -> Token {
+        let token = self.new_token();
+        let p = self.partitions.entry(partition).or_default();
+        match p.slots.insert(offset, Slot::Pending(token)) {
+            Some(Slot::Pending(_)) => {}
+            _ => self.pending += 1,
+        }
+        token
+    }
+
+    /// The hand-out `token` of `offset` is finished. False when it no
+    /// longer counts (partition revoked, offset redelivered, tracker closed).
+    pub(crate) fn ack(&mut self, partition: i32, offset: i64, token: Token) -> bool {
+        if self.closed {
+            return false;
+        }
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        match p.slots.get_mut(&offset) {
+            Some(slot) if *slot == Slot::Pending(token) => {
+                *slot = Slot::Done;
+                self.pending -= 1;
+                p.advance();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The hand-out `token` of `offset` is to be delivered again: returns
+    /// the token of the new hand-out, or `None` when it no longer counts.
+    /// The offset stays pending, so nothing at or after it gets committed.
+    pub(crate) fn requeue(&mut self, partition: i32, offset: i64, token: Token) -> Option<Token> {
+        if self.closed {
+            return None;
+        }
+        let new = self.next_token;
+        let slot = self
+            .partitions
+            .get_mut(&partition)?
+            .slots
+            .get_mut(&offset)?;
+        if *slot != Slot::Pending(token) {
+            return None;
+        }
+        *slot = Slot::Pending(new);
+        self.next_token += 1;
+        Some(new)
+    }
+
+    /// Offsets received and not yet acked.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// True if `partition` is currently owned.
+    #[cfg(test)]
+    pub(crate) fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    /// Positions that moved since the last call, marked as committed.
+    pub(crate) fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        if self.closed {
+            return Vec::new();
+        }
+        self.partitions
+            .iter_mut()
+            .filter_map(|(&partition, p)| {
+                let position = p.uncommitted()?;
+                p.committed = Some(position);
+                Some((partition, position))
+            })
+            .collect()
+    }
+
+    /// A commit of `offset` failed: commit it again next time.
+    pub(crate) fn commit_failed(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if p.committed == Some(offset) {
+                p.committed = None;
+            }
+        }
+    }
+
+    /// The final positions to commit; afterwards every ack is ignored.
+    pub(crate) fn close(&mut self) -> Vec<(i32, i64)> {
+        let commits = self.take_commits();
+        self.closed = true;
+        commits
+    }
+
+    fn new_token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+}
+
+fn count_pending(p: &Partition) -> usize {
+    p.slots
+        .values()
+        .filter(|s| matches!(s, Slot::Pending(_)))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(
+        t: &mut OffsetTracker,
+        partition: i32,
+        offsets: impl IntoIterator<Item = i64>,
+    ) -> Vec<Token> {
+        offsets
+            .into_iter()
+            .map(|o| t.received(partition, o))
+            .collect()
+    }
+
+    #[test]
+    fn commits_only_up_to_lowest_unfinished() {
+        let mut t = OffsetTracker::new();
+        t.assign(0);
+        let tok = receive(&mut t, 0, 10..15);
+        // 11, 12 and 14 finish first: 10 is unfinished, nothing is committable.
+        assert!(t.ack(0, 11, tok[1]));
+        assert!(t.ack(0, 12, tok[2]));
+        assert!(t.ack(0, 14, tok[4]));
+        assert_eq!(t.take_commits(), vec![]);
+        assert_eq!(t.pending(), 2);
+        // 10 finishes: 10..=12 are done, 13 is not: commit 13.
+        assert!(t.ack(0, 10, tok[0]));
+        assert_eq!(t.take_commits(), vec![(0, 13)]);
+        // Nothing moved: nothing to commit again.
+        assert_eq!(t.take_commits(), vec![]);
+        assert!(t.ack(0, 13, tok[3]));
+        assert_eq!(t.take_commits(), vec![(0, 15)]);
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut t = OffsetTracker::new();
+        t.assign(0);
+        t.assign(1);
+        let a = receive(&mut t, 0, [0, 1]);
+        let b = receive(&mut t, 1, [100, 101]);
+        assert!(t.ack(1, 101, b[1]));
+        assert!(t.ack(0, 0, a[0]));
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        assert!(t.ack(1, 100, b[0]));
+        assert_eq!(t.take_commits(), vec![(1, 102)]);
+    }
+
+    #[test]
+    fn gaps_in_offsets_are_fine() {
+        // Compaction and transaction markers leave holes between offsets.
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 2, [5, 9, 20]);
+        assert!(t.ack(2, 9, tok[1]));
+        assert!(t.ack(2, 5, tok[0]));
+        assert_eq!(t.take_commits(), vec![(2, 10)]);
+        assert!(t.ack(2, 20, tok[2]));
+        assert_eq!(t.take_commits(), vec![(2, 21)]);
+    }
+
+    #[test]
+    fn requeue_keeps_the_offset_unfinished() {
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 0, [0, 1, 2]);
+        let again = t.requeue(0, 1, tok[1]).expect("current hand-out");
+        assert_ne!(again, tok[1]);
+        assert!(t.ack(0, 0, tok[0]));
+        assert!(t.ack(0, 2, tok[2]));
+        // 1 is pending again: only 0 is committable.
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        assert_eq!(t.pending(), 1);
+        // The old hand-out can no longer ack or requeue it.
+        assert!(!t.ack(0, 1, tok[1]));
+        assert_eq!(t.requeue(0, 1, tok[1]), None);
+        assert!(t.ack(0, 1, again));
+        assert_eq!(t.take_commits(), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn revoke_returns_finished_position_and_ignores_later_acks() {
+        let mut t = OffsetTracker::new();
+        t.assign(0);
+        t.assign(1);
+        let a = receive(&mut t, 0, [0, 1, 2]);
+        let b = receive(&mut t, 1, [0]);
+        assert!(t.ack(0, 0, a[0]));
+        assert!(t.ack(0, 2, a[2]));
+        assert_eq!(t.pending(), 2);
+        // Partition 0 revoked with 1 unfinished: commit 1, not 3.
+        assert_eq!(t.revoke(0), Some(1));
+        assert!(!t.owns(0));
+        assert_eq!(t.pending(), 1);
+        assert!(
+            !t.ack(0, 1, a[1]),
+            "ack of a revoked partition must not count"
+        );
+        assert_eq!(t.take_commits(), vec![]);
+        // Revoking with nothing finished commits nothing.
+        assert_eq!(t.revoke(1), None);
+        assert_eq!(t.pending(), 0);
+        drop(b);
+    }
+
+    #[test]
+    fn revoke_after_commit_has_nothing_new() {
+        let mut t = OffsetTracker::new();
+        let a = receive(&mut t, 0, [0]);
+        assert!(t.ack(0, 0, a[0]));
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        assert_eq!(t.revoke(0), None);
+    }
+
+    #[test]
+    fn reassign_starts_fresh() {
+        let mut t = OffsetTracker::new();
+        let a = receive(&mut t, 0, [7]);
+        t.assign(0);
+        assert_eq!(t.pending(), 0);
+        assert!(!t.ack(0, 7, a[0]), "hand-out from before the reassignment");
+        // The group re-reads 7 from its committed offset.
+        let b = receive(&mut t, 0, [7]);
+        assert!(t.ack(0, 7, b[0]));
+        assert_eq!(t.take_commits(), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn failed_commit_is_retried() {
+        let mut t = OffsetTracker::new();
+        let a = receive(&mut t, 0, [0]);
+        assert!(t.ack(0, 0, a[0]));
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        t.commit_failed(0, 1);
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        // A failure report for an older commit does not reset a newer one.
+        let b = receive(&mut t, 0, [1]);
+        assert!(t.ack(0, 1, b[0]));
+        assert_eq!(t.take_commits(), vec![(0, 2)]);
+        t.commit_failed(0, 1);
+        assert_eq!(t.take_commits(), vec![]);
+    }
+
+    #[test]
+    fn close_gives_final_positions_then_ignores_acks() {
+        let mut t = OffsetTracker::new();
+        let a = receive(&mut t, 0, [0, 1]);
+        assert!(t.ack(0, 0, a[0]));
+        assert_eq!(t.close(), vec![(0, 1)]);
+        assert!(!t.ack(0, 1, a[1]));
+        assert_eq!(t.requeue(0, 1, a[1]), None);
+        assert_eq!(t.take_commits(), vec![]);
+        assert_eq!(t.revoke(0), None);
+    }
+
+    #[test]
+    fn position_never_moves_backwards() {
+        let mut t = OffsetTracker::new();
+        let a = receive(&mut t, 0, [10]);
+        assert!(t.ack(0, 10, a[0]));
+        assert_eq!(t.take_commits(), vec![(0, 11)]);
+        // An older offset seen again (e.g. re-fetched): finishing it must
+        // not move the committed position back.
+        let b = receive(&mut t, 0, [3]);
+        assert!(t.ack(0, 3, b[0]));
+        assert_eq!(t.take_commits(), vec![]);
+    }
+
+    #[test]
+    fn concurrent_out_of_order_acks_never_pass_an_unfinished_offset() {
+        // Pseudo-random ack orders over 3 partitions: after every ack, every
+        // committed position is at most the lowest unfinished offset.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _round in 0..50 {
+            let mut t = OffsetTracker::new();
+            let mut open: Vec<(i32, i64, Token)> = Vec::new();
+            for p in 0..3 {
+                for o in 0..40 {
+                    open.push((p, o, t.received(p, o)));
+                }
+            }
+            let mut committed = [0i64; 3];
+            while !open.is_empty() {
+                let (p, o, tok) = open.swap_remove(rand(open.len()));
+                assert!(t.ack(p, o, tok));
+                for (cp, pos) in t.take_commits() {
+                    committed[cp as usize] = pos;
+                }
+                for p in 0..3 {
+                    let lowest_open = open
+                        .iter()
+                        .filter(|e| e.0 == p)
+                        .map(|e| e.1)
+                        .min()
+                        .unwrap_or(40);
+                    // Never past it, and exactly at it: no finished work held back.
+                    assert_eq!(committed[p as usize], lowest_open);
+                }
+            }
+            assert_eq!(committed, [40, 40, 40]);
+        }
+    }
+}
