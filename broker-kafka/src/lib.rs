@@ -50,9 +50,11 @@ mod admin;
 mod client_config;
 mod codec;
 mod consumer;
+mod lag;
 mod tracker;
 
 pub use admin::TopicSpec;
+pub use lag::{total_lag, PartitionLag};
 
 use client_config::{client_config, config_error, effective, env_var_of, Role};
 use consumer::ConsumerOptions;
@@ -255,6 +257,11 @@ impl KafkaBroker {
     /// Connects with default options.
     pub async fn connect(settings: KafkaSettings) -> Result<KafkaBroker> {
         Self::builder(settings).connect().await
+    }
+
+    /// How long one request to the cluster may take.
+    fn request_timeout(&self) -> Duration {
+        self.inner.options.request_timeout
     }
 
     /// The settings this broker was built from (credentials redacted in `Debug`).
