@@ -167,10 +167,10 @@ impl RabbitMqBuilder {
     pub fn build(self) -> Result<RabbitMqBroker> {
         let uri: lapin::uri::AMQPUri = self.url.expose().parse().map_err(|e: String| {
             // The parser's message never contains the URL itself.
-            BrokerError::backend(
-                BACKEND,
-                format!("invalid RabbitMQ URL {}: {e}", self.url.redacted()),
-            )
+            BrokerError::Config(broker_core::config::ConfigError::Invalid {
+                var: "RABBITMQ_URL".into(),
+                reason: format!("invalid RabbitMQ URL {}: {e}", self.url.redacted()),
+            })
         })?;
         codec::short("exchange name", &self.exchange)?;
         Ok(RabbitMqBroker {

@@ -45,6 +45,12 @@ async fn debug_and_bad_urls_never_show_the_password() {
         .build()
         .expect_err("bad port");
     assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+    assert!(!format!("{err:?}").contains("s3cret-pw"), "{err:?}");
+    assert!(
+        matches!(&err, BrokerError::Config(c) if c.to_string().contains("RABBITMQ_URL"))
+            && !err.is_transient(),
+        "a malformed URL is a config error naming the variable: {err:?}"
+    );
 }
 
 #[tokio::test]
