@@ -84,12 +84,27 @@ pub fn topic_name(service: &str, domain: &str, event_type: &str) -> Result<Strin
 
 /// Default dead-letter topic for `topic`: `{topic}.dlq`.
 pub fn dead_letter_topic(topic: &str) -> String {
-    format!("{topic}.dlq")
+    format!("{topic}{DEAD_LETTER_SUFFIX}")
+}
+
+/// Suffix of dead-letter topics (see [`dead_letter_topic`]).
+pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// True for a dead-letter topic (`{topic}.dlq`).
+pub fn is_dead_letter_topic(topic: &str) -> bool {
+    topic.len() > DEAD_LETTER_SUFFIX.len() && topic.ends_with(DEAD_LETTER_SUFFIX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_topics_are_recognised() {
+        assert!(is_dead_letter_topic(&dead_letter_topic("billing.credits")));
+        assert!(!is_dead_letter_topic("billing.credits"));
+        assert!(!is_dead_letter_topic(".dlq"));
+    }
 
     #[test]
     fn accepts_kafka_charset_and_limits() {

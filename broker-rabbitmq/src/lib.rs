@@ -15,8 +15,10 @@
 //!   even before anyone consumes them. The runtime publishes dead letters to
 //!   `{topic}.dlq` itself; queues also name the exchange as their
 //!   `x-dead-letter-exchange` (routing key `{topic}.dlq`), so a message
-//!   rejected without requeue lands there too. A group subscribed to
-//!   `{topic}.dlq` gets its own queue, like any topic.
+//!   rejected without requeue lands there too. Subscribing to `{topic}.dlq`
+//!   reads that one queue whatever the group (groups compete for dead
+//!   letters, as operators draining one work queue), so letters kept before
+//!   anyone subscribed are there; no `{topic}.dlq.dlq` is declared.
 //! - Queue type: classic (default) or quorum ([`QueueType`]).
 //!
 //! Declarations are idempotent. A queue that exists with other arguments

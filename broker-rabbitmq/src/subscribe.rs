@@ -30,7 +30,7 @@ pub(crate) async fn subscribe(
     if subscription.group.is_empty() {
         return Err(BrokerError::Misconfigured("consumer group name is empty"));
     }
-    let queue = topology::group_queue(&subscription.topic, &subscription.group);
+    let queue = topology::subscription_queue(&subscription.topic, &subscription.group);
     short("queue name (topic and group)", &queue)?;
     // Opened here, not in the task, so the caller sees setup errors and
     // messages published after `subscribe` returns reach the queue.

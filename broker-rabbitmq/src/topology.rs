@@ -1,6 +1,6 @@
 //! Names and declarations: the exchange, group queues, dead-letter queues.
 
-use broker_core::topic::dead_letter_topic;
+use broker_core::topic::{dead_letter_topic, is_dead_letter_topic};
 use broker_core::BrokerError;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -9,10 +9,19 @@ use lapin::{Channel, ExchangeKind};
 use crate::codec::short;
 use crate::{Failure, Inner, BACKEND};
 
-/// The queue of `group` on `topic`. Topic names cannot contain `:`, so these
-/// never collide with the `{topic}.dlq` queues.
-pub(crate) fn group_queue(topic: &str, group: &str) -> String {
-    format!("{topic}:{group}")
+/// The queue a subscription of `group` to `topic` reads.
+///
+/// A topic's queue per group is `{topic}:{group}` (topic names cannot
+/// contain `:`, so these never collide with other queues). A dead-letter
+/// topic is different: its dead letters are kept from the start in the one
+/// queue `{topic}.dlq`, declared with the topic, and every group reading it
+/// takes from that queue (an operator's work queue, drained by the replay
+/// tool), so letters that arrived before anyone looked are not missed.
+pub(crate) fn subscription_queue(topic: &str, group: &str) -> String {
+    match is_dead_letter_topic(topic) {
+        true => topic.to_owned(),
+        false => format!("{topic}:{group}"),
+    }
 }
 
 /// Declares the exchange (durable topic exchange; idempotent).
@@ -41,8 +50,9 @@ pub(crate) async fn declare_exchange(inner: &Inner, channel: &Channel) -> Result
 }
 
 /// Declares what a subscription of `group` to `topic` needs and returns the
-/// group's queue name: the exchange, the group queue (dead-lettering to
-/// `{topic}.dlq`), and the `{topic}.dlq` queue that keeps dead letters.
+/// queue to read: the exchange, the group queue (dead-lettering to
+/// `{topic}.dlq`), and the `{topic}.dlq` queue that keeps dead letters. A
+/// dead-letter topic needs only its own queue (no `.dlq.dlq`).
 pub(crate) async fn declare_subscription(
     inner: &Inner,
     channel: &Channel,
@@ -50,8 +60,12 @@ pub(crate) async fn declare_subscription(
     group: &str,
 ) -> Result<String, Failure> {
     declare_exchange(inner, channel).await?;
+    let queue = subscription_queue(topic, group);
+    if is_dead_letter_topic(topic) {
+        declare_bound_queue(inner, channel, &queue, topic, queue_args(inner)).await?;
+        return Ok(queue);
+    }
     let dlq = dead_letter_topic(topic);
-    let queue = group_queue(topic, group);
     let mut args = queue_args(inner);
     args.insert(
         "x-dead-letter-exchange".into(),

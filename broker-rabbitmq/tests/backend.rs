@@ -180,3 +180,103 @@ async fn custom_exchange_and_health() {
         end.map(|d| d.map(|d| d.map(|d| d.received)))
     );
 }
+
+/// Dead letters kept before anyone reads `{topic}.dlq` are there for the
+/// first reader, whatever its group; reading them declares no
+/// `{topic}.dlq.dlq`; and the replay tool moves them back to the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_wait_for_their_first_reader_and_replay() {
+    if !broker_core::testkit::backend_selected("rabbitmq") {
+        return;
+    }
+    use broker_core::migrate::replay_dead_letters;
+    use broker_core::topic::dead_letter_topic;
+    use broker_core::{Consumer, HandlerError, Received};
+
+    let topic = unique("rmq.kept");
+    let dlq = dead_letter_topic(&topic);
+    let broker = common::broker().await;
+    let failing = Consumer::builder(broker.clone(), &topic, "g")
+        .handler(|_r: Received| async { Err::<(), _>(HandlerError::permanent("refused")) })
+        .start()
+        .await
+        .expect("consumer");
+    let sent = Message::new("to the dlq").with_key("k");
+    broker.publish(&topic, sent.clone()).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while failing.metrics().dead_lettered == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    failing
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+
+    // A group that did not exist when the letter arrived still gets it.
+    let mut viewer = broker
+        .subscribe(Subscription::new(&dlq, unique("viewer")))
+        .await
+        .expect("subscribe to the dlq");
+    let letter = tokio::time::timeout(Duration::from_secs(10), viewer.next())
+        .await
+        .expect("the kept dead letter")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(letter.message().id(), sent.id());
+    letter.nack(true).await.expect("hand it back");
+    viewer.close().await.expect("close viewer");
+
+    // No dead-letter queue of the dead-letter queue.
+    let conn = lapin::Connection::connect(&common::url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("raw connection");
+    let channel = conn.create_channel().await.expect("channel");
+    let passive = channel
+        .queue_declare(
+            format!("{dlq}.dlq").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    assert!(passive.is_err(), "{dlq}.dlq was declared");
+    let _ = conn.close(200, "done".into()).await;
+
+    // Replay: back to the topic, x-dlq-* headers gone, id kept.
+    let mut again = broker
+        .subscribe(Subscription::new(&topic, "g"))
+        .await
+        .expect("resubscribe");
+    let report = replay_dead_letters(
+        &broker,
+        &broker,
+        &dlq,
+        "replayer",
+        10,
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("replay");
+    assert_eq!((report.replayed, report.left), (1, 0), "{report:?}");
+    let back = tokio::time::timeout(Duration::from_secs(10), again.next())
+        .await
+        .expect("replayed message")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(back.message().id(), sent.id());
+    assert!(
+        back.message()
+            .headers()
+            .keys()
+            .all(|h| !h.starts_with("x-dlq-")),
+        "{:?}",
+        back.message().headers()
+    );
+    back.ack().await.expect("ack");
+}
