@@ -24,6 +24,11 @@ use crate::wiring::{Brokers, Endpoints};
 /// Module name for `BROKER_ROUTE_CLI`.
 pub const MODULE: &str = "cli";
 
+/// The consumer group the `dlq` commands read as: listing never
+/// acknowledges and replaying does, so a listing shows the letters not
+/// replayed yet, on every backend.
+pub const DLQ_GROUP: &str = "cli-dlq";
+
 /// Usage text.
 pub const USAGE: &str = "usage:
   cli publish <topic> <payload> [--key K] [--header name=value]...
@@ -56,7 +61,7 @@ pub enum Command {
         /// Stop after this long without a message.
         idle: Duration,
     },
-    /// Print dead letters of a topic without removing them.
+    /// Print the dead letters of a topic not replayed yet, removing nothing.
     DlqList {
         /// The original topic (its `{topic}.dlq` is read).
         topic: String,
@@ -242,7 +247,7 @@ pub async fn run_on(
             // listing removes nothing.
             let mut stream = endpoints
                 .subscriber
-                .subscribe(Subscription::new(&dlq, "cli-dlq-viewer").with_prefetch(count.max(1)))
+                .subscribe(Subscription::new(&dlq, DLQ_GROUP).with_prefetch(count.max(1)))
                 .await?;
             let mut held = Vec::new();
             while held.len() < count {
@@ -264,7 +269,7 @@ pub async fn run_on(
                 &*endpoints.subscriber,
                 &*endpoints.publisher,
                 &dlq,
-                "cli-dlq-replay",
+                DLQ_GROUP,
                 max,
                 idle,
             )
