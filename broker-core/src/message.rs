@@ -65,6 +65,25 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message read back from a broker, with the id and time its
+    /// publisher gave it: no new id is made and the clock is not read
+    /// (backends decode with this, once per delivered message).
+    pub fn restore(
+        id: impl Into<String>,
+        payload: impl Into<Bytes>,
+        timestamp: SystemTime,
+    ) -> Self {
+        Message {
+            id: id.into(),
+            payload: payload.into(),
+            key: None,
+            headers: Headers::new(),
+            timestamp,
+            correlation_id: None,
+            traceparent: None,
+        }
+    }
+
     /// A message with a fresh UUID (v7, so ids sort by creation time) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Message {

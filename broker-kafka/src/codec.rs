@@ -43,35 +43,55 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
         .payload()
         .map(Bytes::copy_from_slice)
         .unwrap_or_default();
-    let mut message = Message::new(payload);
-    if let Some(key) = record.key() {
-        message = message.with_key(String::from_utf8_lossy(key));
-    }
+    let text = |v: Option<&[u8]>| {
+        // Header values are strings in our model; a null value reads as "".
+        v.map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let mut id = None;
+    let mut correlation_id = None;
+    let mut traceparent = None;
+    let mut user = broker_core::Headers::new();
     if let Some(headers) = record.headers() {
-        let mut user = broker_core::Headers::new();
         for h in headers.iter() {
-            // Header values are strings in our model; a null value reads as "".
-            let value = h
-                .value
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
             match h.key {
-                header::MESSAGE_ID => message = message.with_id(value),
-                header::CORRELATION_ID => message = message.with_correlation_id(value),
-                header::TRACEPARENT => message = message.with_traceparent(value),
+                header::MESSAGE_ID => id = Some(text(h.value)),
+                header::CORRELATION_ID => correlation_id = Some(text(h.value)),
+                header::TRACEPARENT => traceparent = Some(text(h.value)),
                 key => {
-                    user.insert(key.to_owned(), value);
+                    user.insert(key.to_owned(), text(h.value));
                 }
             }
         }
-        message = message.with_headers(user);
     }
-    match record.timestamp() {
+    let timestamp = match record.timestamp() {
         Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => {
-            message.with_timestamp(from_millis_since_epoch(ms))
+            Some(from_millis_since_epoch(ms))
         }
-        Timestamp::NotAvailable => message,
+        Timestamp::NotAvailable => None,
+    };
+    // Only a foreign record needs a new id or the clock.
+    let mut message = match (id, timestamp) {
+        (Some(id), Some(at)) => Message::restore(id, payload, at),
+        (Some(id), None) => Message::new(payload).with_id(id),
+        (None, at) => {
+            let fresh = Message::new(payload);
+            match at {
+                Some(at) => fresh.with_timestamp(at),
+                None => fresh,
+            }
+        }
+    };
+    if let Some(key) = record.key() {
+        message = message.with_key(String::from_utf8_lossy(key));
     }
+    if let Some(c) = correlation_id {
+        message = message.with_correlation_id(c);
+    }
+    if let Some(t) = traceparent {
+        message = message.with_traceparent(t);
+    }
+    message.with_headers(user)
 }
 
 #[cfg(test)]

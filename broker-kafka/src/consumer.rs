@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -44,6 +45,10 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 /// How long the driver stops polling at the prefetch bound before it
 /// pauses the partitions (pausing drops what librdkafka prefetched).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// Most records the driver takes in one go before it looks at its other
+/// duties (stop, commits) again.
+const BURST: usize = 256;
 
 /// Tuning of subscriptions, from the broker's builder.
 #[derive(Debug, Clone)]
@@ -266,7 +271,7 @@ async fn drive(
     let mut full_since: Option<tokio::time::Instant> = None;
     let mut seen_assignments = 0u64;
     let mut last_error: Option<String> = None;
-    let outcome = loop {
+    let outcome = 'drive: loop {
         let full = shared.lock().tracker.pending() >= prefetch;
         match (full, full_since) {
             (true, None) => full_since = Some(tokio::time::Instant::now()),
@@ -302,45 +307,66 @@ async fn drive(
                 set_paused(&consumer, true);
                 paused = true;
             }
-            record = consumer.recv(), if !full || paused => match record {
-                Ok(record) => {
-                    if record.topic() != shared.topic {
-                        continue;
+            record = consumer.recv(), if !full || paused => {
+                // Take what librdkafka already holds (up to the bound) and
+                // wake the stream once per burst, not once per record: a
+                // cross-thread wake-up costs more than handling a record.
+                let mut next = Some(record);
+                let mut buffered = 0usize;
+                while let Some(record) = next.take() {
+                    match record {
+                        Ok(record) => {
+                            last_error = None;
+                            if record.topic() == shared.topic {
+                                let (partition, offset) = (record.partition(), record.offset());
+                                let received = Received {
+                                    message: decode(&record),
+                                    topic: shared.topic.clone(),
+                                    redelivered: false,
+                                    partition: Some(partition),
+                                    offset: Some(offset),
+                                    attempt: 1,
+                                };
+                                drop(record);
+                                let over = {
+                                    let mut state = shared.lock();
+                                    let token = state.tracker.received(partition, offset);
+                                    state.buffer.push_back(Buffered { received, token });
+                                    state.tracker.pending() >= prefetch
+                                };
+                                buffered += 1;
+                                if over {
+                                    // A record while paused: its partition was assigned since.
+                                    if paused {
+                                        set_paused(&consumer, true);
+                                    }
+                                    break;
+                                }
+                            }
+                            if buffered < BURST {
+                                // `recv` is cancel-safe: a record is taken only when Ready.
+                                next = consumer.recv().now_or_never();
+                            }
+                        }
+                        Err(e) => {
+                            if is_fatal(&e) {
+                                tracing::error!(error = %e, topic = %shared.topic, "consumer failed");
+                                if buffered > 0 {
+                                    shared.ready.notify_one();
+                                }
+                                break 'drive Err(BrokerError::backend("kafka", e));
+                            }
+                            // librdkafka reconnects by itself; say so once per kind of error.
+                            let text = e.to_string();
+                            if last_error.as_deref() != Some(&text) {
+                                tracing::warn!(error = %text, topic = %shared.topic, "consumer error; librdkafka keeps retrying");
+                                last_error = Some(text);
+                            }
+                        }
                     }
-                    let (partition, offset) = (record.partition(), record.offset());
-                    let received = Received {
-                        message: decode(&record),
-                        topic: shared.topic.clone(),
-                        redelivered: false,
-                        partition: Some(partition),
-                        offset: Some(offset),
-                        attempt: 1,
-                    };
-                    drop(record);
-                    let over = {
-                        let mut state = shared.lock();
-                        let token = state.tracker.received(partition, offset);
-                        state.buffer.push_back(Buffered { received, token });
-                        state.tracker.pending() >= prefetch
-                    };
-                    shared.ready.notify_one();
-                    // A record while paused: its partition was assigned since.
-                    if over && paused {
-                        set_paused(&consumer, true);
-                    }
-                    last_error = None;
                 }
-                Err(e) => {
-                    if is_fatal(&e) {
-                        tracing::error!(error = %e, topic = %shared.topic, "consumer failed");
-                        break Err(BrokerError::backend("kafka", e));
-                    }
-                    // librdkafka reconnects by itself; say so once per kind of error.
-                    let text = e.to_string();
-                    if last_error.as_deref() != Some(&text) {
-                        tracing::warn!(error = %text, topic = %shared.topic, "consumer error; librdkafka keeps retrying");
-                        last_error = Some(text);
-                    }
+                if buffered > 0 {
+                    shared.ready.notify_one();
                 }
             }
         }

@@ -259,6 +259,22 @@ impl KafkaBroker {
         Self::builder(settings).connect().await
     }
 
+    /// The librdkafka configuration of this broker's producer (the
+    /// backend's defaults plus every override), for a raw rdkafka client
+    /// that must match it: benchmarks, diagnostics. Contains credentials
+    /// when the settings do; do not print it.
+    pub fn producer_client_config(&self) -> rdkafka::ClientConfig {
+        client_config(&self.inner.settings, Role::Producer)
+    }
+
+    /// The librdkafka configuration this broker gives a consumer of `group`
+    /// (see [`KafkaBroker::producer_client_config`]).
+    pub fn consumer_client_config(&self, group: &str) -> rdkafka::ClientConfig {
+        let mut config = client_config(&self.inner.settings, Role::Consumer);
+        config.set("group.id", group);
+        config
+    }
+
     /// How long one request to the cluster may take.
     fn request_timeout(&self) -> Duration {
         self.inner.options.request_timeout
