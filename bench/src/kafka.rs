@@ -1,0 +1,231 @@
+//! Kafka (tansu on loopback): raw rdkafka against the abstraction, with the
+//! producer and consumer configuration the backend itself uses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_core::config::KafkaSettings;
+use broker_core::{Consumer, Message, Publisher, Received};
+use broker_kafka::{KafkaBroker, TopicSpec};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::measure::{batched, windowed, Arrivals, Outcome};
+use crate::Params;
+
+async fn broker(p: &Params) -> KafkaBroker {
+    KafkaBroker::builder(
+        KafkaSettings::new(&p.kafka_brokers)
+            .client_id("bench")
+            // tansu's first group join waits half the session timeout.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000"),
+    )
+    .topic_spec(TopicSpec::default().partitions(3))
+    .connect()
+    .await
+    .expect("connect to Kafka")
+}
+
+async fn topic(b: &KafkaBroker, hint: &str) -> String {
+    let topic = format!("bench.{hint}.{}", uuid::Uuid::new_v4().simple());
+    b.create_topic_with_dlq(&topic, &TopicSpec::default().partitions(3))
+        .await
+        .expect("create topic");
+    topic
+}
+
+fn raw_producer(b: &KafkaBroker) -> FutureProducer {
+    b.producer_client_config().create().expect("raw producer")
+}
+
+/// One message before the clock starts, so neither side is timed fetching
+/// the topic's metadata.
+async fn warm_up_raw(producer: &FutureProducer, topic: &str) {
+    let record = FutureRecord::<str, [u8]>::to(topic).payload(b"warm-up");
+    let delivery = producer
+        .send_result(record)
+        .map_err(|(e, _)| e)
+        .expect("enqueue");
+    delivery.await.expect("delivered").expect("warm-up");
+}
+
+async fn warm_up_lib(b: &KafkaBroker, topic: &str) {
+    b.publish(topic, Message::new("warm-up"))
+        .await
+        .expect("warm-up");
+}
+
+/// Raw rdkafka: enqueue and await the delivery report, `window` in flight.
+pub async fn publish_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "publish-raw").await;
+    let producer = raw_producer(&b);
+    let payload = p.payload();
+    warm_up_raw(&producer, &topic).await;
+    windowed(p.n, p.window, |i| {
+        let (producer, topic, payload) = (&producer, &topic, &payload);
+        async move {
+            let key = p.key(i);
+            let record = FutureRecord::to(topic).payload(&payload[..]).key(&key);
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("enqueue");
+            delivery.await.expect("delivered").expect("delivery report");
+        }
+    })
+    .await
+}
+
+/// The abstraction's `publish`, `window` in flight.
+pub async fn publish_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "publish-lib").await;
+    let payload = p.payload();
+    warm_up_lib(&b, &topic).await;
+    windowed(p.n, p.window, |i| {
+        let message = Message::new(payload.clone()).with_key(p.key(i));
+        let (b, topic) = (&b, &topic);
+        async move { b.publish(topic, message).await.expect("publish") }
+    })
+    .await
+}
+
+/// Raw rdkafka batches: enqueue a chunk, then await its reports.
+pub async fn batch_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "batch-raw").await;
+    let producer = raw_producer(&b);
+    let payload = p.payload();
+    warm_up_raw(&producer, &topic).await;
+    batched(p.n, p.chunk, |range| {
+        let reports: Vec<_> = range
+            .map(|i| {
+                let key = p.key(i);
+                let record = FutureRecord::to(&topic).payload(&payload[..]).key(&key);
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("enqueue")
+            })
+            .collect();
+        async move {
+            for r in futures::future::join_all(reports).await {
+                r.expect("delivered").expect("delivery report");
+            }
+        }
+    })
+    .await
+}
+
+/// The abstraction's `publish_batch`, chunk by chunk.
+pub async fn batch_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "batch-lib").await;
+    let payload = p.payload();
+    warm_up_lib(&b, &topic).await;
+    batched(p.n, p.chunk, |range| {
+        let messages: Vec<Message> = range
+            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
+            .collect();
+        let (b, topic) = (&b, &topic);
+        async move { b.publish_batch(topic, messages).await.expect("batch") }
+    })
+    .await
+}
+
+/// A topic holding `n` messages, for the consumers.
+async fn filled(p: &Params, b: &KafkaBroker, hint: &str) -> String {
+    let topic = topic(b, hint).await;
+    let payload = p.payload();
+    let mut from = 0;
+    while from < p.n {
+        let to = (from + 1000).min(p.n);
+        let batch = (from..to)
+            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
+            .collect();
+        b.publish_batch(&topic, batch).await.expect("fill");
+        from = to;
+    }
+    topic
+}
+
+/// Raw `StreamConsumer`: store each offset, commit asynchronously every
+/// 200 ms (the backend's commit interval), and synchronously at the end.
+pub async fn consume_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = filled(p, &b, "consume-raw").await;
+    let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let consumer: StreamConsumer = b.consumer_client_config(&group).create().expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let arrivals = Arrivals::new(p.n);
+    let mut last_commit = std::time::Instant::now();
+    for _ in 0..p.n {
+        let m = consumer.recv().await.expect("message");
+        arrivals.arrived();
+        consumer
+            .store_offset_from_message(&m)
+            .expect("store offset");
+        if last_commit.elapsed() >= Duration::from_millis(200) {
+            consumer
+                .commit_consumer_state(CommitMode::Async)
+                .expect("commit");
+            last_commit = std::time::Instant::now();
+        }
+    }
+    consumer
+        .commit_consumer_state(CommitMode::Sync)
+        .expect("final commit");
+    arrivals.wait(Duration::from_secs(10)).await
+}
+
+/// The abstraction's consumer runtime (`lanes` lanes, a handler that only
+/// counts), committing as it does in production.
+pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
+    let b = broker(p).await;
+    let topic = filled(p, &b, "consume-lib").await;
+    let arrivals = Arc::new(Arrivals::new(p.n));
+    let counted = arrivals.clone();
+    let consumer = Consumer::builder(
+        b.clone(),
+        &topic,
+        format!("bench-lib-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .concurrency(lanes)
+    .prefetch(p.prefetch)
+    .handler(move |_r: Received| {
+        counted.arrived();
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .expect("consumer");
+    let outcome = arrivals.wait(Duration::from_secs(300)).await;
+    consumer
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    outcome
+}
+
+/// The backend's subscription alone, without the runtime: next + ack in a
+/// loop (tells the backend's cost from the runtime's).
+pub async fn consume_stream(p: &Params) -> Outcome {
+    use broker_core::{Subscriber, Subscription};
+    let b = broker(p).await;
+    let topic = filled(p, &b, "consume-stream").await;
+    let group = format!("bench-stream-{}", uuid::Uuid::new_v4().simple());
+    let mut stream = b
+        .subscribe(Subscription::new(&topic, group).with_prefetch(p.prefetch))
+        .await
+        .expect("subscribe");
+    let arrivals = Arrivals::new(p.n);
+    for _ in 0..p.n {
+        let d = stream.next().await.expect("open").expect("delivery");
+        arrivals.arrived();
+        d.ack().await.expect("ack");
+    }
+    stream.close().await.expect("close");
+    arrivals.wait(Duration::from_secs(10)).await
+}

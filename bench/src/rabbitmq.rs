@@ -1,0 +1,319 @@
+//! RabbitMQ: raw lapin (persistent, mandatory, pipelined confirms; prefetch
+//! and per-message acks) against the abstraction, on the same exchange.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker_core::{Consumer, Message, Publisher, Received, Subscriber, Subscription};
+use broker_rabbitmq::RabbitMqBroker;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::measure::{batched, finish, windowed, Arrivals, Latencies, Outcome};
+use crate::Params;
+
+const EXCHANGE: &str = "bench.events";
+/// Queues of a run disappear a minute after their last use.
+const QUEUE_EXPIRY: Duration = Duration::from_secs(60);
+
+async fn broker(p: &Params) -> RabbitMqBroker {
+    RabbitMqBroker::builder(p.rabbitmq_url.clone())
+        .exchange(EXCHANGE)
+        .queue_expiry(QUEUE_EXPIRY)
+        .connection_name("bench")
+        .connect()
+        .await
+        .expect("connect to RabbitMQ")
+}
+
+/// A new topic with one group queue bound (publishes are `mandatory`).
+async fn topic(b: &RabbitMqBroker, hint: &str) -> String {
+    let topic = format!("bench.{hint}.{}", uuid::Uuid::new_v4().simple());
+    b.subscribe(Subscription::new(&topic, "bench"))
+        .await
+        .expect("declare the group queue")
+        .close()
+        .await
+        .expect("close");
+    topic
+}
+
+/// A raw channel in confirm mode, with the exchange declared as the backend declares it.
+async fn raw_channel(p: &Params) -> (Connection, Channel) {
+    let conn = Connection::connect(&p.rabbitmq_url, ConnectionProperties::default())
+        .await
+        .expect("raw connection");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm select");
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    (conn, channel)
+}
+
+/// One message before the clock starts, on each side.
+async fn warm_up_raw(channel: &Channel, topic: &str) {
+    let confirm = channel
+        .basic_publish(
+            EXCHANGE.into(),
+            topic.into(),
+            MANDATORY,
+            b"warm-up",
+            persistent(),
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack());
+}
+
+async fn warm_up_lib(b: &RabbitMqBroker, topic: &str) {
+    b.publish(topic, Message::new("warm-up"))
+        .await
+        .expect("warm-up");
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// Raw lapin: publish, hand the confirm to a collector task, `window`
+/// unconfirmed at most.
+pub async fn publish_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "publish-raw").await;
+    let (_conn, channel) = raw_channel(p).await;
+    let payload = p.payload();
+    warm_up_raw(&channel, &topic).await;
+    let window = Arc::new(Semaphore::new(p.window));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, lapin::PublisherConfirm, _)>();
+    let collector = tokio::spawn(async move {
+        let mut latencies = Latencies::default();
+        let mut waiting = futures::stream::FuturesUnordered::new();
+        let mut open = true;
+        while open || !waiting.is_empty() {
+            tokio::select! {
+                next = rx.recv(), if open => match next {
+                    Some((t, confirm, permit)) => waiting.push(async move {
+                        let confirmation = confirm.await.expect("confirm");
+                        assert!(confirmation.is_ack(), "nacked");
+                        drop(permit);
+                        t.elapsed()
+                    }),
+                    None => open = false,
+                },
+                Some(d) = waiting.next(), if !waiting.is_empty() => latencies.push(d),
+            }
+        }
+        latencies
+    });
+    let start = Instant::now();
+    for i in 0..p.n {
+        let permit = window.clone().acquire_owned().await.expect("window");
+        let t = Instant::now();
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE.into(),
+                topic.as_str().into(),
+                MANDATORY,
+                &payload,
+                persistent().with_headers(key_header(p, i)),
+            )
+            .await
+            .expect("publish");
+        tx.send((t, confirm, permit)).expect("collector");
+    }
+    drop(tx);
+    let latencies = collector.await.expect("collector");
+    finish(p.n, start.elapsed(), latencies)
+}
+
+/// The key travels as a header, as the backend sends it.
+fn key_header(p: &Params, i: usize) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        broker_rabbitmq::KEY_HEADER.into(),
+        AMQPValue::LongString(p.key(i).into()),
+    );
+    headers
+}
+
+/// The abstraction's `publish`, `window` in flight.
+pub async fn publish_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "publish-lib").await;
+    let payload = p.payload();
+    warm_up_lib(&b, &topic).await;
+    let outcome = windowed(p.n, p.window, |i| {
+        let message = Message::new(payload.clone()).with_key(p.key(i));
+        let (b, topic) = (&b, &topic);
+        async move { b.publish(topic, message).await.expect("publish") }
+    })
+    .await;
+    b.shutdown().await.expect("shutdown");
+    outcome
+}
+
+/// Raw lapin batches: publish a chunk, then await its confirms.
+pub async fn batch_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "batch-raw").await;
+    let (_conn, channel) = raw_channel(p).await;
+    let payload = p.payload();
+    warm_up_raw(&channel, &topic).await;
+    batched(p.n, p.chunk, |range| {
+        let (channel, topic, payload) = (&channel, &topic, &payload);
+        async move {
+            let mut confirms = Vec::with_capacity(range.len());
+            for i in range {
+                confirms.push(
+                    channel
+                        .basic_publish(
+                            EXCHANGE.into(),
+                            topic.as_str().into(),
+                            MANDATORY,
+                            payload,
+                            persistent().with_headers(key_header(p, i)),
+                        )
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for c in futures::future::join_all(confirms).await {
+                assert!(c.expect("confirm").is_ack(), "nacked");
+            }
+        }
+    })
+    .await
+}
+
+/// The abstraction's `publish_batch`, chunk by chunk.
+pub async fn batch_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "batch-lib").await;
+    let payload = p.payload();
+    warm_up_lib(&b, &topic).await;
+    batched(p.n, p.chunk, |range| {
+        let messages: Vec<Message> = range
+            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
+            .collect();
+        let (b, topic) = (&b, &topic);
+        async move { b.publish_batch(topic, messages).await.expect("batch") }
+    })
+    .await
+}
+
+async fn fill(p: &Params, b: &RabbitMqBroker, topic: &str) {
+    let payload = p.payload();
+    let mut from = 0;
+    while from < p.n {
+        let to = (from + 1000).min(p.n);
+        let batch = (from..to)
+            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
+            .collect();
+        b.publish_batch(topic, batch).await.expect("fill");
+        from = to;
+    }
+}
+
+/// Raw lapin consumer: prefetch, ack every message.
+pub async fn consume_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "consume-raw").await;
+    let (_conn, channel) = raw_channel(p).await;
+    let queue = format!("{topic}:raw");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(QUEUE_EXPIRY.as_millis() as i64),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            EXCHANGE.into(),
+            topic.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    fill(p, &b, &topic).await;
+    channel
+        .basic_qos(p.prefetch as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let arrivals = Arrivals::new(p.n);
+    for _ in 0..p.n {
+        let delivery = consumer.next().await.expect("open").expect("delivery");
+        arrivals.arrived();
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    arrivals.wait(Duration::from_secs(10)).await
+}
+
+/// The abstraction's consumer runtime, same prefetch, `lanes` lanes.
+pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "consume-lib").await;
+    fill(p, &b, &topic).await;
+    let arrivals = Arc::new(Arrivals::new(p.n));
+    let counted = arrivals.clone();
+    let consumer = Consumer::builder(b.clone(), &topic, "bench")
+        .concurrency(lanes)
+        .prefetch(p.prefetch)
+        .handler(move |_r: Received| {
+            counted.arrived();
+            async { Ok(()) }
+        })
+        .start()
+        .await
+        .expect("consumer");
+    let outcome = arrivals.wait(Duration::from_secs(300)).await;
+    consumer
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    outcome
+}
