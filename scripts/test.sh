@@ -114,6 +114,11 @@ fi
 step "tests (cargo nextest)" cargo nextest run --workspace --all-features --no-fail-fast "$@"
 step "doctests" cargo test --workspace --all-features --doc
 step "examples build" cargo build --workspace --examples
+# The benchmark's smoke preset, in the debug build the tests already made: it checks that
+# every scenario runs; figures come from `cargo run --release -p bench` (README).
+if wants kafka && wants rabbitmq; then
+  step "benchmark smoke" cargo run -q -p bench -- --preset smoke --out target/bench-smoke.md
+fi
 # The quickstart runs on the embedded memory backend: no broker flags.
 step "quickstart" env -u KAFKA_ENABLED -u RABBITMQ_ENABLED cargo run -q -p examples --example quickstart
 

@@ -113,7 +113,7 @@ struct Options {
 fn parse_options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let mut o = Options {
-        n: 20_000,
+        n: 100_000,
         memory_n: 1_000_000,
         sizes: vec![100, 1024],
         only: vec!["kafka".into(), "rabbitmq".into(), "memory".into()],
@@ -134,7 +134,7 @@ fn parse_options() -> Result<Options, String> {
                     o.memory_n = 100_000;
                 }
                 Some("full") => {
-                    o.n = 20_000;
+                    o.n = 100_000;
                     o.memory_n = 1_000_000;
                 }
                 other => return Err(format!("--preset smoke|full, not {other:?}")),
@@ -279,6 +279,12 @@ const PAIRS: &[Pair] = &[
         what: "consume + commit, N lanes",
         raw: Some("kafka.consume.raw"),
         lib: "kafka.consume.lib-n",
+    },
+    Pair {
+        backend: "kafka",
+        what: "consume + commit, backend stream alone (no runtime)",
+        raw: Some("kafka.consume.raw"),
+        lib: "kafka.consume.stream",
     },
     Pair {
         backend: "rabbitmq",
