@@ -1,15 +1,15 @@
 //! Kafka (tansu on loopback): raw rdkafka against the abstraction, with the
 //! producer and consumer configuration the backend itself uses.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use broker_core::config::KafkaSettings;
-use broker_core::{Consumer, Message, Publisher, Received};
+
 use broker_kafka::{KafkaBroker, TopicSpec};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use crate::abstraction;
 use crate::measure::{batched, windowed, Arrivals, Outcome};
 use crate::Params;
 
@@ -50,12 +50,6 @@ async fn warm_up_raw(producer: &FutureProducer, topic: &str) {
     delivery.await.expect("delivered").expect("warm-up");
 }
 
-async fn warm_up_lib(b: &KafkaBroker, topic: &str) {
-    b.publish(topic, Message::new("warm-up"))
-        .await
-        .expect("warm-up");
-}
-
 /// Raw rdkafka: enqueue and await the delivery report, `window` in flight.
 pub async fn publish_raw(p: &Params) -> Outcome {
     let b = broker(p).await;
@@ -82,14 +76,7 @@ pub async fn publish_raw(p: &Params) -> Outcome {
 pub async fn publish_lib(p: &Params) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "publish-lib").await;
-    let payload = p.payload();
-    warm_up_lib(&b, &topic).await;
-    windowed(p.n, p.window, |i| {
-        let message = Message::new(payload.clone()).with_key(p.key(i));
-        let (b, topic) = (&b, &topic);
-        async move { b.publish(topic, message).await.expect("publish") }
-    })
-    .await
+    abstraction::publish(p, &b, &topic).await
 }
 
 /// Raw rdkafka batches: enqueue a chunk, then await its reports.
@@ -123,31 +110,13 @@ pub async fn batch_raw(p: &Params) -> Outcome {
 pub async fn batch_lib(p: &Params) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "batch-lib").await;
-    let payload = p.payload();
-    warm_up_lib(&b, &topic).await;
-    batched(p.n, p.chunk, |range| {
-        let messages: Vec<Message> = range
-            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
-            .collect();
-        let (b, topic) = (&b, &topic);
-        async move { b.publish_batch(topic, messages).await.expect("batch") }
-    })
-    .await
+    abstraction::publish_batches(p, &b, &topic).await
 }
 
 /// A topic holding `n` messages, for the consumers.
 async fn filled(p: &Params, b: &KafkaBroker, hint: &str) -> String {
     let topic = topic(b, hint).await;
-    let payload = p.payload();
-    let mut from = 0;
-    while from < p.n {
-        let to = (from + 1000).min(p.n);
-        let batch = (from..to)
-            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
-            .collect();
-        b.publish_batch(&topic, batch).await.expect("fill");
-        from = to;
-    }
+    abstraction::fill(p, b, &topic).await;
     topic
 }
 
@@ -185,28 +154,8 @@ pub async fn consume_raw(p: &Params) -> Outcome {
 pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
     let b = broker(p).await;
     let topic = filled(p, &b, "consume-lib").await;
-    let arrivals = Arc::new(Arrivals::new(p.n));
-    let counted = arrivals.clone();
-    let consumer = Consumer::builder(
-        b.clone(),
-        &topic,
-        format!("bench-lib-{}", uuid::Uuid::new_v4().simple()),
-    )
-    .concurrency(lanes)
-    .prefetch(p.prefetch)
-    .handler(move |_r: Received| {
-        counted.arrived();
-        async { Ok(()) }
-    })
-    .start()
-    .await
-    .expect("consumer");
-    let outcome = arrivals.wait(Duration::from_secs(300)).await;
-    consumer
-        .shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
-    outcome
+    let group = format!("bench-lib-{}", uuid::Uuid::new_v4().simple());
+    abstraction::consume(p, b, &topic, &group, lanes).await
 }
 
 /// The backend's subscription alone, without the runtime: next + ack in a

@@ -12,6 +12,7 @@
 //! guest account). Each scenario runs in its own child process, so its peak
 //! RSS is its own.
 
+mod abstraction;
 mod kafka;
 mod measure;
 mod memory;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::{Consumer, Message, Publisher, Received, Subscriber, Subscription};
+use broker_core::{Subscriber, Subscription};
 use broker_rabbitmq::RabbitMqBroker;
 use futures::StreamExt;
 use lapin::options::{
@@ -15,7 +15,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::measure::{batched, finish, windowed, Arrivals, Latencies, Outcome};
+use crate::abstraction;
+use crate::measure::{batched, finish, Arrivals, Latencies, Outcome};
 use crate::Params;
 
 const EXCHANGE: &str = "bench.events";
@@ -82,12 +83,6 @@ async fn warm_up_raw(channel: &Channel, topic: &str) {
         .await
         .expect("publish");
     assert!(confirm.await.expect("confirm").is_ack());
-}
-
-async fn warm_up_lib(b: &RabbitMqBroker, topic: &str) {
-    b.publish(topic, Message::new("warm-up"))
-        .await
-        .expect("warm-up");
 }
 
 fn persistent() -> BasicProperties {
@@ -164,14 +159,7 @@ fn key_header(p: &Params, i: usize) -> FieldTable {
 pub async fn publish_lib(p: &Params) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "publish-lib").await;
-    let payload = p.payload();
-    warm_up_lib(&b, &topic).await;
-    let outcome = windowed(p.n, p.window, |i| {
-        let message = Message::new(payload.clone()).with_key(p.key(i));
-        let (b, topic) = (&b, &topic);
-        async move { b.publish(topic, message).await.expect("publish") }
-    })
-    .await;
+    let outcome = abstraction::publish(p, &b, &topic).await;
     b.shutdown().await.expect("shutdown");
     outcome
 }
@@ -213,29 +201,7 @@ pub async fn batch_raw(p: &Params) -> Outcome {
 pub async fn batch_lib(p: &Params) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "batch-lib").await;
-    let payload = p.payload();
-    warm_up_lib(&b, &topic).await;
-    batched(p.n, p.chunk, |range| {
-        let messages: Vec<Message> = range
-            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
-            .collect();
-        let (b, topic) = (&b, &topic);
-        async move { b.publish_batch(topic, messages).await.expect("batch") }
-    })
-    .await
-}
-
-async fn fill(p: &Params, b: &RabbitMqBroker, topic: &str) {
-    let payload = p.payload();
-    let mut from = 0;
-    while from < p.n {
-        let to = (from + 1000).min(p.n);
-        let batch = (from..to)
-            .map(|i| Message::new(payload.clone()).with_key(p.key(i)))
-            .collect();
-        b.publish_batch(topic, batch).await.expect("fill");
-        from = to;
-    }
+    abstraction::publish_batches(p, &b, &topic).await
 }
 
 /// Raw lapin consumer: prefetch, ack every message.
@@ -270,7 +236,7 @@ pub async fn consume_raw(p: &Params) -> Outcome {
         )
         .await
         .expect("bind");
-    fill(p, &b, &topic).await;
+    abstraction::fill(p, &b, &topic).await;
     channel
         .basic_qos(p.prefetch as u16, BasicQosOptions::default())
         .await
@@ -297,23 +263,6 @@ pub async fn consume_raw(p: &Params) -> Outcome {
 pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "consume-lib").await;
-    fill(p, &b, &topic).await;
-    let arrivals = Arc::new(Arrivals::new(p.n));
-    let counted = arrivals.clone();
-    let consumer = Consumer::builder(b.clone(), &topic, "bench")
-        .concurrency(lanes)
-        .prefetch(p.prefetch)
-        .handler(move |_r: Received| {
-            counted.arrived();
-            async { Ok(()) }
-        })
-        .start()
-        .await
-        .expect("consumer");
-    let outcome = arrivals.wait(Duration::from_secs(300)).await;
-    consumer
-        .shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
-    outcome
+    abstraction::fill(p, &b, &topic).await;
+    abstraction::consume(p, b, &topic, "bench", lanes).await
 }

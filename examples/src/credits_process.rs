@@ -6,9 +6,7 @@
 
 use std::future::Future;
 
-use broker_core::{
-    typed, ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result,
-};
+use broker_core::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
@@ -169,10 +167,7 @@ impl CreditsProcess {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         endpoints
-            .consumer(&self.end_topic, &self.end_group)
-            .concurrency(concurrency)
-            .handler(typed(handle))
-            .start()
+            .start_typed(&self.end_topic, &self.end_group, concurrency, handle)
             .await
     }
 
@@ -188,10 +183,12 @@ impl CreditsProcess {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         endpoints
-            .consumer(&self.multimodel_topic, &self.multimodel_group)
-            .concurrency(concurrency)
-            .handler(typed(handle))
-            .start()
+            .start_typed(
+                &self.multimodel_topic,
+                &self.multimodel_group,
+                concurrency,
+                handle,
+            )
             .await
     }
 }

@@ -4,9 +4,7 @@
 
 use std::future::Future;
 
-use broker_core::{
-    typed, ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result,
-};
+use broker_core::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
@@ -95,10 +93,7 @@ impl FeatureUsage {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         endpoints
-            .consumer(&self.topic, &self.group)
-            .concurrency(concurrency)
-            .handler(typed(handle))
-            .start()
+            .start_typed(&self.topic, &self.group, concurrency, handle)
             .await
     }
 }

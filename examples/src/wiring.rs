@@ -6,7 +6,12 @@ use std::sync::Arc;
 use broker_core::config::{BrokerConfig, BrokerKind, Route};
 use broker_core::instrument::Instrumented;
 use broker_core::migrate::{DualPublisher, SecondaryPolicy};
-use broker_core::{BrokerError, ConsumerBuilder, MemoryBroker, Publisher, Result, Subscriber};
+use std::future::Future;
+
+use broker_core::{
+    typed, BrokerError, ConsumerBuilder, ConsumerHandle, Event, HandlerError, MemoryBroker,
+    Publisher, Received, Result, Subscriber,
+};
 use broker_kafka::KafkaBroker;
 use broker_rabbitmq::RabbitMqBroker;
 
@@ -35,6 +40,28 @@ impl Endpoints {
             topic,
             group,
         )
+    }
+
+    /// Starts a consumer of typed events `E` on `topic` in `group`:
+    /// `handle` gets each decoded, validated event; undecodable or invalid
+    /// payloads go to the dead-letter topic without reaching it.
+    pub async fn start_typed<E, F, Fut>(
+        &self,
+        topic: &str,
+        group: &str,
+        concurrency: usize,
+        handle: F,
+    ) -> Result<ConsumerHandle>
+    where
+        E: Event,
+        F: Fn(E, Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.consumer(topic, group)
+            .concurrency(concurrency)
+            .handler(typed(handle))
+            .start()
+            .await
     }
 }
 
