@@ -81,10 +81,28 @@ export KAFKA_BROKERS=${KAFKA_BROKERS:-$tansu_addr}
 export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 wants() { [[ ",${BROKER_TEST_BACKENDS// /}," == *",$1,"* ]]; }
 
+# Brokers this run started are stopped when it ends, however it ends.
+on_exit=()
+cleanup() { for c in "${on_exit[@]}"; do $c || true; done; }
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 banner "brokers (backends: $BROKER_TEST_BACKENDS)"
 if wants rabbitmq; then
   if [[ $RABBITMQ_URL =~ @(127\.0\.0\.1|localhost)(:5672)?(/|$) ]]; then
     bash scripts/ensure-rabbitmq.sh
+    # A second local node with a TLS listener for the amqps:// tests (a free port when
+    # 5671 is taken by another checkout's node); stopped at the end if started here.
+    if [[ -z ${RABBITMQ_TLS_PORT:-} ]] && ! bash scripts/ensure-rabbitmq-tls.sh status && port_open 5671; then
+      for p in $(seq 15671 15770); do port_open "$p" || { export RABBITMQ_TLS_PORT=$p; break; }; done
+    fi
+    bash scripts/ensure-rabbitmq-tls.sh status || on_exit+=("bash scripts/ensure-rabbitmq-tls.sh stop")
+    tls_env=$(bash scripts/ensure-rabbitmq-tls.sh start)
+    echo "$tls_env"
+    RABBITMQ_TLS_URL=$(sed -n 's/^RABBITMQ_TLS_URL=//p' <<<"$tls_env")
+    RABBITMQ_TLS_CA=$(sed -n 's/^RABBITMQ_TLS_CA=//p' <<<"$tls_env")
+    export RABBITMQ_TLS_URL RABBITMQ_TLS_CA
   else
     echo "rabbitmq: using RABBITMQ_URL as given (not set up here)"
   fi
@@ -93,9 +111,7 @@ if wants kafka; then
   if [[ $KAFKA_BROKERS == "$tansu_addr" ]]; then
     # Stop tansu on exit only if this run started it: a developer's running tansu stays up.
     if ! bash scripts/ensure-tansu.sh status >/dev/null 2>&1; then
-      trap 'bash scripts/ensure-tansu.sh stop || true' EXIT
-      trap 'exit 130' INT
-      trap 'exit 143' TERM
+      on_exit+=("bash scripts/ensure-tansu.sh stop")
     fi
     bash scripts/ensure-tansu.sh start
   else

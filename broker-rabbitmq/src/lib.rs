@@ -106,6 +106,7 @@ pub struct RabbitMqBuilder {
     operation_timeout: Duration,
     queue_expiry: Option<Duration>,
     connection_name: Option<String>,
+    tls_ca_pem: Option<String>,
 }
 
 impl RabbitMqBuilder {
@@ -147,6 +148,23 @@ impl RabbitMqBuilder {
     /// not pile up on a shared broker.
     pub fn queue_expiry(mut self, after: Duration) -> Self {
         self.queue_expiry = Some(after);
+        self
+    }
+    /// Trusts the certificate authority in `pem` (PEM text) for `amqps://`
+    /// connections, besides the system's roots: for brokers whose
+    /// certificate a private CA signed.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> broker_core::Result<()> {
+    /// let pem = std::fs::read_to_string("/etc/ssl/private-ca.pem").expect("CA file");
+    /// let broker = broker_rabbitmq::RabbitMqBroker::builder("amqps://app:secret@rabbit.internal:5671/%2f")
+    ///     .tls_ca_pem(pem)
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
         self
     }
     /// Connection name shown in the management UI.
@@ -234,6 +252,7 @@ impl RabbitMqBroker {
             operation_timeout: Duration::from_secs(15),
             queue_expiry: None,
             connection_name: None,
+            tls_ca_pem: None,
         }
     }
 
@@ -342,8 +361,24 @@ impl Inner {
         if let Some(name) = &self.options.connection_name {
             props = props.with_connection_name(name.clone().into());
         }
-        self.bounded("connect", Connection::connect_uri(self.uri.clone(), props))
-            .await
+        match &self.options.tls_ca_pem {
+            None => {
+                self.bounded("connect", Connection::connect_uri(self.uri.clone(), props))
+                    .await
+            }
+            Some(pem) => {
+                let tls = lapin::tcp::OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(pem.clone()),
+                };
+                let builder = lapin::DefaultConnectionBuilder::new()
+                    .map_err(|e| classify("connect", e))?
+                    .with_uri(self.uri.clone())
+                    .with_properties(props)
+                    .with_tls_config(tls);
+                self.bounded("connect", builder.connect()).await
+            }
+        }
     }
 
     /// Opens a channel on the live connection; a connection that turns out
