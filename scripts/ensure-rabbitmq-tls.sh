@@ -14,7 +14,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIR="$ROOT/.brokers/rabbitmq-tls"
 PORT=${RABBITMQ_TLS_PORT:-5671}
 DIST_PORT=${RABBITMQ_TLS_DIST_PORT:-$((PORT + 20000))}
-NODE=broker-tls@localhost
+# One node name per port: nodes of two checkouts must not clash in epmd.
+NODE=broker-tls-$PORT@localhost
 BIN=/usr/lib/rabbitmq/bin
 
 say() { echo "rabbitmq-tls: $*"; }
@@ -67,8 +68,12 @@ CONF
     : >"$DIR/rabbitmq-env.conf"
     echo "[]." >"$DIR/enabled_plugins"
     [[ -f $DIR/.erlang.cookie ]] || { head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/.erlang.cookie"; chmod 400 "$DIR/.erlang.cookie"; }
-    (node_env; setsid nohup "$BIN/rabbitmq-server" >"$DIR/server.log" 2>&1 </dev/null &)
-    for _ in $(seq 1 600); do port_open && break; sleep 0.1; done
+    (node_env; setsid nohup "$BIN/rabbitmq-server" >"$DIR/server.log" 2>&1 </dev/null & echo $! >"$DIR/launcher.pid")
+    for _ in $(seq 1 600); do
+      port_open && break
+      kill -0 "$(<"$DIR/launcher.pid")" 2>/dev/null || break # it gave up: say why below
+      sleep 0.1
+    done
     port_open || { tail -n 30 "$DIR/server.log" >&2; die "the TLS node did not listen on 127.0.0.1:$PORT within 60 s"; }
     say "started $NODE with TLS on 127.0.0.1:$PORT"
   else
@@ -80,8 +85,12 @@ CONF
 
 stop() {
   if ! ours; then say "not running"; return 0; fi
-  (node_env; "$BIN/rabbitmqctl" -n $NODE stop >/dev/null 2>&1) || true
+  (node_env; timeout 30 "$BIN/rabbitmqctl" -n $NODE stop >/dev/null 2>&1) || true
   for _ in $(seq 1 100); do port_open || break; sleep 0.1; done
+  if port_open && ours; then
+    kill -TERM "$(<"$DIR/node.pid")" 2>/dev/null || true
+    for _ in $(seq 1 100); do port_open || break; sleep 0.1; done
+  fi
   port_open && die "still listening on $PORT"
   say "stopped"
 }
