@@ -150,3 +150,50 @@ async fn a_member_leaving_mid_stream_hands_over_without_loss() {
         "the remaining member took over the partitions"
     );
 }
+
+/// A dead letter from Kafka says where its original was: partition and offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_partition_and_offset() {
+    if !backend_selected("kafka") {
+        return;
+    }
+    use broker_core::message::header;
+    use broker_core::{HandlerError, Received, Subscriber, Subscription};
+
+    let backend = common::kafka_backend().await;
+    let topic = broker_core::testkit::TestBackend::topic(&backend, "dlq-position").await;
+    let broker = common::broker().await;
+    let mut letters = broker
+        .subscribe(Subscription::new(
+            broker_core::topic::dead_letter_topic(&topic),
+            unique("viewer"),
+        ))
+        .await
+        .expect("subscribe to the dead letters");
+    let failing = Consumer::builder(broker.clone(), &topic, unique("g"))
+        .handler(|_r: Received| async { Err::<(), _>(HandlerError::permanent("no")) })
+        .start()
+        .await
+        .expect("consumer");
+    broker
+        .publish(&topic, Message::new("x").with_key("k"))
+        .await
+        .expect("publish");
+    let letter = tokio::time::timeout(Duration::from_secs(60), letters.next())
+        .await
+        .expect("dead letter in time")
+        .expect("stream open")
+        .expect("delivery");
+    let headers = letter.message().headers();
+    let partition: i32 = headers[header::DLQ_PARTITION]
+        .parse()
+        .expect("partition number");
+    let offset: i64 = headers[header::DLQ_OFFSET].parse().expect("offset number");
+    assert!((0..3).contains(&partition), "{headers:?}");
+    assert_eq!(offset, 0, "the first record of its partition: {headers:?}");
+    letter.ack().await.expect("ack");
+    failing
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
