@@ -14,7 +14,9 @@
 #                          to anything else, tansu is not started
 #   TANSU_PORT             default 9092
 #   RABBITMQ_URL           default amqp://guest:guest@127.0.0.1:5672/%2f; RabbitMQ is
-#                          installed/started here only when it points at this machine
+#                          installed/started here only when it points at this machine; then a
+#                          second local node with a TLS listener is started too
+#                          (scripts/ensure-rabbitmq-tls.sh; RABBITMQ_TLS_PORT, default 5671)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
