@@ -445,6 +445,9 @@ pub(crate) fn classify(operation: &'static str, e: lapin::Error) -> Failure {
         ErrorKind::AuthProviderError(_)
         | ErrorKind::InvalidProtocolVersion(_)
         | ErrorKind::SerialisationError(_) => refused(&e),
+        // The peer sent what we reject (a TLS certificate we do not trust, a
+        // server that is not AMQP): reconnecting would get the same answer.
+        ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::InvalidData => refused(&e),
         _ => Failure::Lost(error),
     }
 }

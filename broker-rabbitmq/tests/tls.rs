@@ -72,7 +72,7 @@ async fn amqps_roundtrip_with_a_trusted_private_ca() {
 }
 
 /// Without the private CA the certificate is not trusted: connecting fails
-/// (after the reconnect policy) with an error that names the cause and
+/// at once (reconnecting cannot help) with an error that names the cause and
 /// never the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_refuses_an_untrusted_certificate() {
@@ -89,6 +89,10 @@ async fn amqps_refuses_an_untrusted_certificate() {
     .await
     .expect("a bounded failure, not a hang")
     .expect_err("an untrusted certificate must not connect");
+    assert!(
+        matches!(err, broker_core::BrokerError::Refused { .. }) && !err.is_transient(),
+        "an untrusted certificate is final, not retried: {err:?}"
+    );
     let text = format!("{err} {err:?}");
     assert!(!text.contains("tls-s3cret"), "{text}");
     assert!(
