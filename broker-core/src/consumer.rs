@@ -155,7 +155,7 @@ impl ConsumerBuilder {
             metrics: self.metrics.clone(),
         });
         tracing::info!(topic = %self.topic, group = %runtime.group, concurrency = self.concurrency, "consumer started");
-        let task = tokio::spawn(runtime.run(stream, self.concurrency, stop_rx));
+        let task = tokio::spawn(runtime.run(stream, self.concurrency, prefetch, stop_rx));
         Ok(ConsumerHandle {
             stop: stop_tx,
             task,
@@ -226,12 +226,18 @@ impl Runtime {
         self: Arc<Self>,
         mut stream: Box<dyn DeliveryStream>,
         lanes: usize,
+        prefetch: usize,
         mut stop: StopSignal,
     ) -> Result<()> {
         let mut workers = JoinSet::new();
+        // Each lane queues its share of the prefetch: the dispatcher hands
+        // over what the stream holds and lanes take it in runs, instead of
+        // the two trading a wake-up per message. The backend's prefetch
+        // still bounds what is held in all.
+        let queue = prefetch.div_ceil(lanes).max(1);
         let senders: Vec<mpsc::Sender<Delivery>> = (0..lanes)
             .map(|_| {
-                let (tx, rx) = mpsc::channel(1);
+                let (tx, rx) = mpsc::channel(queue);
                 workers.spawn(self.clone().lane(rx, stop.clone()));
                 tx
             })
@@ -324,7 +330,8 @@ impl Runtime {
 
     /// Runs the handler with retries, then acks, dead-letters or abandons.
     async fn handle(&self, mut received: Received, acker: Box<dyn Acker>, mut stop: StopSignal) {
-        let mut delays = self.retry.delays();
+        // Made at the first failure: most messages never need it.
+        let mut delays = None;
         received.attempt = 1;
         loop {
             let error = match call_handler(&*self.handler, received.clone()).await {
@@ -337,7 +344,7 @@ impl Runtime {
             };
             self.metrics.add_failed();
             let delay = match error.kind().is_retryable() {
-                true => delays.next(),
+                true => delays.get_or_insert_with(|| self.retry.delays()).next(),
                 false => None,
             };
             let Some(delay) = delay else {

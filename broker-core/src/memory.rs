@@ -68,6 +68,9 @@ struct QueueState {
     members: Vec<Member>,
     next_member: usize,
     next_tag: u64,
+    /// Bumped whenever an inbox gains or loses messages other than by its
+    /// own member's `next`: only then are members woken.
+    changes: u64,
 }
 
 /// A subscribed member of the group. Like RabbitMQ, the queue pushes
@@ -100,6 +103,7 @@ impl QueueState {
             member.held += 1;
             member.inbox.push_back(tag);
             self.unacked.insert(tag, (pending, member.id));
+            self.changes += 1;
         }
     }
 
@@ -107,6 +111,7 @@ impl QueueState {
     /// their original order, marked redelivered.
     fn remove_member(&mut self, id: u64) {
         self.members.retain(|m| m.id != id);
+        self.changes += 1;
         let held: Vec<u64> = self
             .unacked
             .iter()
@@ -124,10 +129,18 @@ impl QueueState {
 }
 
 impl GroupQueue {
-    /// Runs `f` on the state, then wakes every member to look at its inbox.
+    /// Runs `f` on the state, then, if an inbox changed, wakes every
+    /// member to look at its own.
     fn update<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
-        let out = f(&mut lock(&self.state));
-        self.changed.notify_waiters();
+        let (out, changed) = {
+            let mut state = lock(&self.state);
+            let before = state.changes;
+            let out = f(&mut state);
+            (out, state.changes != before)
+        };
+        if changed {
+            self.changed.notify_waiters();
+        }
         out
     }
 }
@@ -211,7 +224,11 @@ impl MemoryBroker {
     }
 
     fn append(&self, topics: &mut HashMap<String, Topic>, topic: &str, message: Message) {
-        let t = topics.entry(topic.to_owned()).or_default();
+        // Looked up first: a new String per publish only for a new topic.
+        if !topics.contains_key(topic) {
+            topics.insert(topic.to_owned(), Topic::default());
+        }
+        let t = topics.get_mut(topic).expect("just ensured");
         for queue in t.groups.values() {
             queue.update(|q| {
                 q.ready.push_back(Pending {
@@ -358,7 +375,10 @@ impl MemoryStream {
 impl DeliveryStream for MemoryStream {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
-            // Register for wake-ups before looking, so none is missed.
+            if let Some(d) = self.try_take() {
+                return Some(Ok(d));
+            }
+            // Register for wake-ups, then look again, so none is missed.
             let changed = self.queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();

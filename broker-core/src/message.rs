@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -53,8 +54,15 @@ pub mod header {
 /// assert_eq!(msg.key(), Some("user-42"));
 /// assert_eq!(msg.headers()["source"], "quickstart");
 /// ```
+// Shared fields: a message is cloned for every group, retry and dead
+// letter, and a clone is one reference count, not a copy of its strings.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
+    fields: Arc<Fields>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Fields {
     id: String,
     payload: Bytes,
     key: Option<String>,
@@ -65,6 +73,17 @@ pub struct Message {
 }
 
 impl Message {
+    fn of(fields: Fields) -> Self {
+        Message {
+            fields: Arc::new(fields),
+        }
+    }
+
+    /// The fields, copied first if another clone shares them.
+    fn fields_mut(&mut self) -> &mut Fields {
+        Arc::make_mut(&mut self.fields)
+    }
+
     /// A message read back from a broker, with the id and time its
     /// publisher gave it: no new id is made and the clock is not read
     /// (backends decode with this, once per delivered message).
@@ -73,7 +92,7 @@ impl Message {
         payload: impl Into<Bytes>,
         timestamp: SystemTime,
     ) -> Self {
-        Message {
+        Message::of(Fields {
             id: id.into(),
             payload: payload.into(),
             key: None,
@@ -81,12 +100,12 @@ impl Message {
             timestamp,
             correlation_id: None,
             traceparent: None,
-        }
+        })
     }
 
     /// A message with a fresh UUID (v7, so ids sort by creation time) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        Message {
+        Message::of(Fields {
             id: Uuid::now_v7().to_string(),
             payload: payload.into(),
             key: None,
@@ -94,42 +113,42 @@ impl Message {
             timestamp: now_millis(),
             correlation_id: None,
             traceparent: None,
-        }
+        })
     }
 
     /// Sets the id (backends use this when reading a message back).
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = id.into();
+        self.fields_mut().id = id.into();
         self
     }
     /// Sets the key: partition key on Kafka, ordering key everywhere.
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
+        self.fields_mut().key = Some(key.into());
         self
     }
     /// Adds a header.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
+        self.fields_mut().headers.insert(name.into(), value.into());
         self
     }
     /// Replaces all headers.
     pub fn with_headers(mut self, headers: Headers) -> Self {
-        self.headers = headers;
+        self.fields_mut().headers = headers;
         self
     }
     /// Sets the creation time (kept to millisecond precision, as brokers do).
     pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
-        self.timestamp = truncate_millis(timestamp);
+        self.fields_mut().timestamp = truncate_millis(timestamp);
         self
     }
     /// Sets the correlation id.
     pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(id.into());
+        self.fields_mut().correlation_id = Some(id.into());
         self
     }
     /// Sets the W3C `traceparent`.
     pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
-        self.traceparent = Some(traceparent.into());
+        self.fields_mut().traceparent = Some(traceparent.into());
         self
     }
 
@@ -137,72 +156,75 @@ impl Message {
     /// correlation id (or its id when it has none) and its trace id with a
     /// new span id. Use it for events published while handling another.
     pub fn caused_by(mut self, cause: &Message) -> Self {
-        self.correlation_id = Some(
+        self.fields_mut().correlation_id = Some(
             cause
+                .fields
                 .correlation_id
                 .clone()
-                .unwrap_or_else(|| cause.id.clone()),
+                .unwrap_or_else(|| cause.fields.id.clone()),
         );
-        self.traceparent = Some(child_traceparent(cause.traceparent.as_deref()));
+        self.fields_mut().traceparent =
+            Some(child_traceparent(cause.fields.traceparent.as_deref()));
         self
     }
 
     /// The message id.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.fields.id
     }
     /// The payload.
     pub fn payload(&self) -> &Bytes {
-        &self.payload
+        &self.fields.payload
     }
     /// The key, if any.
     pub fn key(&self) -> Option<&str> {
-        self.key.as_deref()
+        self.fields.key.as_deref()
     }
     /// The headers.
     pub fn headers(&self) -> &Headers {
-        &self.headers
+        &self.fields.headers
     }
     /// Mutable headers.
     pub fn headers_mut(&mut self) -> &mut Headers {
-        &mut self.headers
+        &mut self.fields_mut().headers
     }
     /// The creation time.
     pub fn timestamp(&self) -> SystemTime {
-        self.timestamp
+        self.fields.timestamp
     }
     /// Milliseconds since the Unix epoch.
     pub fn timestamp_millis(&self) -> i64 {
-        millis_since_epoch(self.timestamp)
+        millis_since_epoch(self.fields.timestamp)
     }
     /// The correlation id, if any.
     pub fn correlation_id(&self) -> Option<&str> {
-        self.correlation_id.as_deref()
+        self.fields.correlation_id.as_deref()
     }
     /// The W3C `traceparent`, if any.
     pub fn traceparent(&self) -> Option<&str> {
-        self.traceparent.as_deref()
+        self.fields.traceparent.as_deref()
     }
 
     /// Size counted against a backend's message limit: payload, key and headers.
     pub fn encoded_len(&self) -> usize {
-        self.payload.len()
-            + self.key.as_ref().map_or(0, String::len)
+        self.fields.payload.len()
+            + self.fields.key.as_ref().map_or(0, String::len)
             + self
+                .fields
                 .headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
-            + self.id.len()
-            + self.correlation_id.as_ref().map_or(0, String::len)
-            + self.traceparent.as_ref().map_or(0, String::len)
+            + self.fields.id.len()
+            + self.fields.correlation_id.as_ref().map_or(0, String::len)
+            + self.fields.traceparent.as_ref().map_or(0, String::len)
     }
 
     /// Starts a trace for this message if it carries none, so the consumer's
     /// span can join the publisher's.
     pub(crate) fn ensure_traceparent(&mut self) {
-        if self.traceparent.is_none() {
-            self.traceparent = Some(child_traceparent(None));
+        if self.fields.traceparent.is_none() {
+            self.fields_mut().traceparent = Some(child_traceparent(None));
         }
     }
 }
@@ -211,13 +233,13 @@ impl fmt::Debug for Message {
     // Payloads can be large or sensitive: show their size, not their bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("id", &self.id)
-            .field("key", &self.key)
-            .field("payload_len", &self.payload.len())
-            .field("headers", &self.headers)
+            .field("id", &self.fields.id)
+            .field("key", &self.fields.key)
+            .field("payload_len", &self.fields.payload.len())
+            .field("headers", &self.fields.headers)
             .field("timestamp_ms", &self.timestamp_millis())
-            .field("correlation_id", &self.correlation_id)
-            .field("traceparent", &self.traceparent)
+            .field("correlation_id", &self.fields.correlation_id)
+            .field("traceparent", &self.fields.traceparent)
             .finish()
     }
 }

@@ -27,6 +27,10 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     ("session.timeout.ms", "30000"),
     ("enable.partition.eof", "false"),
+    // librdkafka stops fetching a partition whose local queue is over
+    // `queued.min.messages` for this long (its default, 1 s, idles a
+    // consumer that drains faster than 100k messages per second).
+    ("fetch.queue.backoff.ms", "100"),
 ];
 
 /// Settings that belong to one kind of client only: leaving them out of the
@@ -76,6 +80,7 @@ const CONSUMER_ONLY: &[&str] = &[
     "queued.min.messages",
     "queued.max.messages.kbytes",
     "enable.partition.eof",
+    "fetch.queue.backoff.ms",
     "check.crcs",
 ];
 
@@ -179,6 +184,8 @@ mod tests {
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("100"));
+        assert_eq!(p.get("fetch.queue.backoff.ms"), None);
         assert_eq!(effective(&s, "linger.ms"), Some("20"));
         assert_eq!(effective(&s, "message.timeout.ms"), Some("30000"));
     }

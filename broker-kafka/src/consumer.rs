@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -34,7 +34,9 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use broker_core::config::KafkaSettings;
-use broker_core::{Acker, BrokerError, Delivery, DeliveryStream, Received, Result, Subscription};
+use broker_core::{
+    Acker, BrokerError, Delivery, DeliveryStream, Message, Received, Result, Subscription,
+};
 
 use crate::client_config::{client_config, config_error, Role};
 use crate::codec::decode;
@@ -46,9 +48,8 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 /// pauses the partitions (pausing drops what librdkafka prefetched).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
-/// Most records the driver takes in one go before it looks at its other
-/// duties (stop, commits) again.
-const BURST: usize = 256;
+/// Records decoded before they are handed to the stream under one lock.
+const CHUNK: usize = 32;
 
 /// Tuning of subscriptions, from the broker's builder.
 #[derive(Debug, Clone)]
@@ -70,6 +71,10 @@ struct Shared {
     ready: Notify,
     /// Ackers and rebalances → driver: unfinished deliveries went down.
     room: Notify,
+    /// Ackers wake the driver stopped at the prefetch bound only once the
+    /// unfinished deliveries fall to this many (half the bound): it then
+    /// refills in one burst instead of trading one wake-up per ack.
+    resume_at: usize,
     /// True once the first assignment (possibly empty) arrived.
     assigned: watch::Sender<bool>,
     /// Assignments so far: the driver re-pauses after one.
@@ -83,18 +88,18 @@ struct State {
     finished: bool,
 }
 
-struct Buffered {
-    received: Received,
-    token: Token,
+/// A decoded record, where it came from.
+struct Record {
+    message: Message,
+    partition: i32,
+    offset: i64,
 }
 
-impl Buffered {
-    fn partition(&self) -> i32 {
-        self.received.partition.unwrap_or_default()
-    }
-    fn offset(&self) -> i64 {
-        self.received.offset.unwrap_or_default()
-    }
+struct Buffered {
+    record: Record,
+    /// Handed out before, and given back with `nack(requeue)`.
+    redelivered: bool,
+    token: Token,
 }
 
 impl Shared {
@@ -129,7 +134,7 @@ impl ConsumerContext for GroupContext {
                     // Buffered but not handed out: the new owner gets them.
                     state
                         .buffer
-                        .retain(|b| !partitions.contains(&b.partition()));
+                        .retain(|b| !partitions.contains(&b.record.partition));
                     partitions
                         .iter()
                         .filter_map(|&p| state.tracker.revoke(p).map(|o| (p, o)))
@@ -203,6 +208,7 @@ pub(crate) async fn open(
     options: &ConsumerOptions,
 ) -> Result<Box<dyn DeliveryStream>> {
     let (assigned, mut assigned_rx) = watch::channel(false);
+    let prefetch = subscription.prefetch.max(1);
     let shared = Arc::new(Shared {
         topic: subscription.topic.clone(),
         state: Mutex::new(State {
@@ -213,6 +219,7 @@ pub(crate) async fn open(
         }),
         ready: Notify::new(),
         room: Notify::new(),
+        resume_at: prefetch / 2,
         assigned,
         assignments: AtomicU64::new(0),
     });
@@ -231,7 +238,7 @@ pub(crate) async fn open(
     let driver = tokio::spawn(drive(
         consumer,
         shared.clone(),
-        subscription.prefetch.max(1),
+        prefetch,
         options.clone(),
         stop_rx,
     ));
@@ -271,8 +278,10 @@ async fn drive(
     let mut full_since: Option<tokio::time::Instant> = None;
     let mut seen_assignments = 0u64;
     let mut last_error: Option<String> = None;
+    let mut records = consumer.stream();
     let outcome = 'drive: loop {
-        let full = shared.lock().tracker.pending() >= prefetch;
+        let pending = shared.lock().tracker.pending();
+        let full = pending >= prefetch;
         match (full, full_since) {
             (true, None) => full_since = Some(tokio::time::Instant::now()),
             (false, Some(_)) => {
@@ -307,53 +316,41 @@ async fn drive(
                 set_paused(&consumer, true);
                 paused = true;
             }
-            record = consumer.recv(), if !full || paused => {
-                // Take what librdkafka already holds (up to the bound) and
-                // wake the stream once per burst, not once per record: a
-                // cross-thread wake-up costs more than handling a record.
+            record = records.next(), if !full || paused => {
+                // Take what librdkafka already holds, up to the bound (one
+                // record when paused: it comes from a partition assigned
+                // since), decoding outside the lock and handing records over
+                // a chunk at a time.
+                let mut room = if full { 1 } else { prefetch - pending };
+                let mut chunk = Vec::with_capacity(CHUNK.min(room));
                 let mut next = Some(record);
-                let mut buffered = 0usize;
                 while let Some(record) = next.take() {
-                    match record {
+                    match record.expect("kafka message streams never end") {
                         Ok(record) => {
                             last_error = None;
                             if record.topic() == shared.topic {
-                                let (partition, offset) = (record.partition(), record.offset());
-                                let received = Received {
+                                chunk.push(Record {
                                     message: decode(&record),
-                                    topic: shared.topic.clone(),
-                                    redelivered: false,
-                                    partition: Some(partition),
-                                    offset: Some(offset),
-                                    attempt: 1,
-                                };
-                                drop(record);
-                                let over = {
-                                    let mut state = shared.lock();
-                                    let token = state.tracker.received(partition, offset);
-                                    state.buffer.push_back(Buffered { received, token });
-                                    state.tracker.pending() >= prefetch
-                                };
-                                buffered += 1;
-                                if over {
-                                    // A record while paused: its partition was assigned since.
-                                    if paused {
-                                        set_paused(&consumer, true);
-                                    }
-                                    break;
-                                }
+                                    partition: record.partition(),
+                                    offset: record.offset(),
+                                });
+                                room -= 1;
                             }
-                            if buffered < BURST {
-                                // `recv` is cancel-safe: a record is taken only when Ready.
-                                next = consumer.recv().now_or_never();
+                            drop(record);
+                            if chunk.len() == CHUNK {
+                                hand_over(&shared, &mut chunk);
+                            }
+                            if room > 0 {
+                                // Cancel-safe: a record is taken only when Ready.
+                                next = records.next().now_or_never();
+                            } else if paused {
+                                set_paused(&consumer, true);
                             }
                         }
                         Err(e) => {
+                            hand_over(&shared, &mut chunk);
                             if is_fatal(&e) {
                                 tracing::error!(error = %e, topic = %shared.topic, "consumer failed");
-                                if buffered > 0 {
-                                    shared.ready.notify_one();
-                                }
                                 break 'drive Err(BrokerError::backend("kafka", e));
                             }
                             // librdkafka reconnects by itself; say so once per kind of error.
@@ -365,12 +362,11 @@ async fn drive(
                         }
                     }
                 }
-                if buffered > 0 {
-                    shared.ready.notify_one();
-                }
+                hand_over(&shared, &mut chunk);
             }
         }
     };
+    drop(records);
 
     let commits = {
         let mut state = shared.lock();
@@ -408,6 +404,31 @@ async fn drive(
     }
     shared.ready.notify_one();
     outcome.and(committed)
+}
+
+/// Moves decoded records into the stream's buffer (counted unfinished from
+/// now on) and wakes the stream if it may be waiting: only when the buffer
+/// was empty, since otherwise it has work already.
+fn hand_over(shared: &Shared, chunk: &mut Vec<Record>) {
+    if chunk.is_empty() {
+        return;
+    }
+    let was_empty = {
+        let mut state = shared.lock();
+        let was_empty = state.buffer.is_empty();
+        for record in chunk.drain(..) {
+            let token = state.tracker.received(record.partition, record.offset);
+            state.buffer.push_back(Buffered {
+                record,
+                redelivered: false,
+                token,
+            });
+        }
+        was_empty
+    };
+    if was_empty {
+        shared.ready.notify_one();
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
@@ -514,12 +535,20 @@ impl DeliveryStream for KafkaStream {
 
 impl KafkaStream {
     fn delivery(&self, b: Buffered) -> Delivery {
+        let received = Received {
+            message: b.record.message.clone(),
+            topic: self.shared.topic.clone(),
+            redelivered: b.redelivered,
+            partition: Some(b.record.partition),
+            offset: Some(b.record.offset),
+            attempt: 1,
+        };
         let acker = KafkaAcker {
             shared: self.shared.clone(),
-            received: b.received.clone(),
+            record: b.record,
             token: b.token,
         };
-        Delivery::new(b.received, Box::new(acker))
+        Delivery::new(received, Box::new(acker))
     }
 }
 
@@ -527,27 +556,24 @@ impl KafkaStream {
 struct KafkaAcker {
     shared: Arc<Shared>,
     /// Kept to hand the record out again on `nack(requeue)`.
-    received: Received,
+    record: Record,
     token: Token,
 }
 
 impl KafkaAcker {
-    fn position(&self) -> (i32, i64) {
-        (
-            self.received.partition.unwrap_or_default(),
-            self.received.offset.unwrap_or_default(),
-        )
-    }
-
     fn finish(&self) {
-        let (partition, offset) = self.position();
-        if self
-            .shared
-            .lock()
-            .tracker
-            .ack(partition, offset, self.token)
-        {
-            self.shared.room.notify_one();
+        let Record {
+            partition, offset, ..
+        } = self.record;
+        let acked = {
+            let mut state = self.shared.lock();
+            let acked = state.tracker.ack(partition, offset, self.token);
+            acked.then(|| state.tracker.pending())
+        };
+        if let Some(pending) = acked {
+            if pending <= self.shared.resume_at {
+                self.shared.room.notify_one();
+            }
         } else {
             tracing::debug!(
                 partition,
@@ -571,21 +597,23 @@ impl Acker for KafkaAcker {
             self.finish();
             return Ok(());
         }
-        let (partition, offset) = self.position();
+        let (partition, offset) = (self.record.partition, self.record.offset);
         let mut state = self.shared.lock();
         let Some(token) = state.tracker.requeue(partition, offset, self.token) else {
             return Ok(());
         };
-        let mut received = self.received;
-        received.redelivered = true;
-        received.attempt = 1;
         // Before later records of the same partition, after earlier ones.
         let at = state
             .buffer
             .iter()
-            .position(|b| b.partition() == partition && b.offset() > offset)
+            .position(|b| b.record.partition == partition && b.record.offset > offset)
             .unwrap_or(0);
-        state.buffer.insert(at, Buffered { received, token });
+        let requeued = Buffered {
+            record: self.record,
+            redelivered: true,
+            token,
+        };
+        state.buffer.insert(at, requeued);
         drop(state);
         self.shared.ready.notify_one();
         Ok(())
