@@ -11,8 +11,6 @@
 //! to the same lane, so same-key messages are handled in order (retries
 //! included) while different keys run in parallel.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -440,7 +438,10 @@ pub fn dead_letter_message(received: &Received, error: &HandlerError, group: &st
     let reason: String = error.to_string().chars().take(1024).collect();
     headers.insert(header::DLQ_REASON.into(), reason);
     headers.insert(header::DLQ_ERROR_KIND.into(), error.kind().as_str().into());
-    headers.insert(header::DLQ_ORIGINAL_TOPIC.into(), received.topic.clone());
+    headers.insert(
+        header::DLQ_ORIGINAL_TOPIC.into(),
+        received.topic.to_string(),
+    );
     headers.insert(header::DLQ_ATTEMPTS.into(), received.attempt.to_string());
     headers.insert(header::DLQ_GROUP.into(), group.into());
     headers.insert(
@@ -464,8 +465,11 @@ async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
     }
 }
 
+/// The lane of `key`: FNV-1a, which is stable and, for short keys, several
+/// times cheaper than the std SipHash (this runs once per message).
 fn lane_of(key: &str, lanes: usize) -> usize {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % lanes as u64) as usize
 }

@@ -1,5 +1,7 @@
 //! What a backend hands to the consumer runtime: deliveries and their acks.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -10,8 +12,9 @@ use crate::message::Message;
 pub struct Received {
     /// The message, as published.
     pub message: Message,
-    /// The topic it was consumed from.
-    pub topic: String,
+    /// The topic it was consumed from (shared by the subscription's
+    /// deliveries: cloning a `Received` copies no strings).
+    pub topic: Arc<str>,
     /// True when the broker says this is not the first delivery.
     pub redelivered: bool,
     /// Kafka partition, where the backend has partitions.

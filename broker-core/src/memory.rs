@@ -331,8 +331,9 @@ impl Subscriber for MemoryBroker {
         });
         Ok(Box::new(MemoryStream {
             queue,
-            topic: subscription.topic,
+            topic: subscription.topic.into(),
             id,
+            taken: VecDeque::new(),
         }))
     }
 
@@ -343,20 +344,33 @@ impl Subscriber for MemoryBroker {
 
 struct MemoryStream {
     queue: Arc<GroupQueue>,
-    topic: String,
+    topic: Arc<str>,
     id: u64,
+    /// Messages taken from this member's inbox, not yet returned by `next`
+    /// (still held by the member: its removal requeues them).
+    taken: VecDeque<(u64, Pending)>,
 }
 
 impl MemoryStream {
-    /// Takes the next message pushed to this member.
-    fn try_take(&self) -> Option<Delivery> {
-        let mut state = lock(&self.queue.state);
-        let member = state.members.iter_mut().find(|m| m.id == self.id)?;
-        let tag = member.inbox.pop_front()?;
-        let (pending, _) = &state.unacked[&tag];
+    /// Takes the next message pushed to this member: the whole inbox at
+    /// once, so the queue's lock is taken once per run, not per message.
+    fn try_take(&mut self) -> Option<Delivery> {
+        if self.taken.is_empty() {
+            let mut state = lock(&self.queue.state);
+            let state = &mut *state;
+            let member = state.members.iter_mut().find(|m| m.id == self.id)?;
+            let unacked = &state.unacked;
+            self.taken.extend(
+                member
+                    .inbox
+                    .drain(..)
+                    .map(|tag| (tag, unacked[&tag].0.clone())),
+            );
+        }
+        let (tag, pending) = self.taken.pop_front()?;
         Some(Delivery::new(
             Received {
-                message: pending.message.clone(),
+                message: pending.message,
                 topic: self.topic.clone(),
                 redelivered: pending.redelivered,
                 partition: None,
@@ -379,7 +393,8 @@ impl DeliveryStream for MemoryStream {
                 return Some(Ok(d));
             }
             // Register for wake-ups, then look again, so none is missed.
-            let changed = self.queue.changed.notified();
+            let queue = self.queue.clone();
+            let changed = queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(d) = self.try_take() {

@@ -310,7 +310,7 @@ pub async fn roundtrip_keeps_payload_key_and_headers(b: &dyn TestBackend) {
 
     let got = take_acked(b, &mut stream, 2, "roundtrip").await;
     assert_eq!(got[0].message, full, "full message changed in transit");
-    assert_eq!(got[0].topic, topic);
+    assert_eq!(&*got[0].topic, topic);
     assert!(!got[0].redelivered, "first delivery flagged as redelivered");
     assert_eq!(got[1].message, bare, "bare message changed in transit");
 }

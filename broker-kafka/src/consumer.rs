@@ -65,7 +65,7 @@ pub(crate) struct ConsumerOptions {
 /// State shared by the stream, its driver, its ackers and the rebalance
 /// callbacks (which run inside the driver's poll).
 struct Shared {
-    topic: String,
+    topic: Arc<str>,
     state: Mutex<State>,
     /// Driver → stream: a delivery is buffered (or the driver stopped).
     ready: Notify,
@@ -210,7 +210,7 @@ pub(crate) async fn open(
     let (assigned, mut assigned_rx) = watch::channel(false);
     let prefetch = subscription.prefetch.max(1);
     let shared = Arc::new(Shared {
-        topic: subscription.topic.clone(),
+        topic: subscription.topic.as_str().into(),
         state: Mutex::new(State {
             tracker: OffsetTracker::new(),
             buffer: VecDeque::new(),
@@ -328,7 +328,7 @@ async fn drive(
                     match record.expect("kafka message streams never end") {
                         Ok(record) => {
                             last_error = None;
-                            if record.topic() == shared.topic {
+                            if record.topic() == &*shared.topic {
                                 chunk.push(Record {
                                     message: decode(&record),
                                     partition: record.partition(),

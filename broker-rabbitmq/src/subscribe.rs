@@ -116,6 +116,7 @@ async fn pump(
     tx: mpsc::UnboundedSender<Result<Delivery>>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let topic: Arc<str> = sub.topic.as_str().into();
     loop {
         let lost = loop {
             tokio::select! {
@@ -123,7 +124,7 @@ async fn pump(
                 _ = tx.closed() => return cancel(&inner, live).await,
                 next = live.consumer.next() => match next {
                     Some(Ok(d)) => {
-                        let delivery = to_delivery(&sub.topic, d, inner.options.operation_timeout);
+                        let delivery = to_delivery(&topic, d, inner.options.operation_timeout);
                         if tx.send(Ok(delivery)).is_err() {
                             return cancel(&inner, live).await;
                         }
@@ -177,12 +178,12 @@ async fn cancel(inner: &Inner, live: Live) {
     }
 }
 
-fn to_delivery(topic: &str, d: lapin::message::Delivery, timeout: Duration) -> Delivery {
+fn to_delivery(topic: &Arc<str>, d: lapin::message::Delivery, timeout: Duration) -> Delivery {
     let message = codec::decode(&d.properties, d.data);
     Delivery::new(
         Received {
             message,
-            topic: topic.to_owned(),
+            topic: topic.clone(),
             redelivered: d.redelivered,
             partition: None,
             offset: None,

@@ -165,7 +165,7 @@ where
 pub fn json_line(received: &Received) -> String {
     let m = &received.message;
     serde_json::json!({
-        "topic": received.topic,
+        "topic": &*received.topic,
         "id": m.id(),
         "key": m.key(),
         "headers": m.headers(),
