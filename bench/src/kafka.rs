@@ -120,9 +120,19 @@ async fn filled(p: &Params, b: &KafkaBroker, hint: &str) -> String {
     topic
 }
 
+/// What a raw consumer does with each record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawWork {
+    /// Nothing: the record is only counted (the bare client's speed).
+    Nothing,
+    /// Reads key, payload and headers into owned values, as a handler
+    /// that uses them (ids, trace context) must: the abstraction's decode.
+    Read,
+}
+
 /// Raw `StreamConsumer`: store each offset, commit asynchronously every
 /// 200 ms (the backend's commit interval), and synchronously at the end.
-pub async fn consume_raw(p: &Params) -> Outcome {
+pub async fn consume_raw(p: &Params, work: RawWork) -> Outcome {
     let b = broker(p).await;
     let topic = filled(p, &b, "consume-raw").await;
     let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
@@ -132,6 +142,9 @@ pub async fn consume_raw(p: &Params) -> Outcome {
     let mut last_commit = std::time::Instant::now();
     for _ in 0..p.n {
         let m = consumer.recv().await.expect("message");
+        if work == RawWork::Read {
+            std::hint::black_box(read(&m));
+        }
         arrivals.arrived();
         consumer
             .store_offset_from_message(&m)
@@ -147,6 +160,22 @@ pub async fn consume_raw(p: &Params) -> Outcome {
         .commit_consumer_state(CommitMode::Sync)
         .expect("final commit");
     arrivals.wait(Duration::from_secs(10)).await
+}
+
+/// Key, payload and headers of `m` as owned values.
+fn read(m: &impl rdkafka::Message) -> (Option<String>, bytes::Bytes, Vec<(String, String)>) {
+    use rdkafka::message::Headers as _;
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let headers = m.headers().map_or_else(Vec::new, |h| {
+        h.iter()
+            .map(|h| (h.key.to_owned(), text(h.value.unwrap_or_default())))
+            .collect()
+    });
+    (
+        m.key().map(text),
+        bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
+    )
 }
 
 /// The abstraction's consumer runtime (`lanes` lanes, a handler that only

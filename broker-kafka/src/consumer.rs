@@ -29,6 +29,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -95,11 +96,78 @@ struct Record {
     offset: i64,
 }
 
+/// A record waiting in the buffer.
 struct Buffered {
-    record: Record,
+    content: Content,
+    partition: i32,
+    offset: i64,
     /// Handed out before, and given back with `nack(requeue)`.
     redelivered: bool,
     token: Token,
+}
+
+enum Content {
+    /// As librdkafka returned it: decoding (header parsing above all) is
+    /// left to the stream, on the application's task, so the driver only
+    /// moves records and keeps up with librdkafka.
+    Fetched(Fetched),
+    /// Given back with `nack(requeue)`.
+    Decoded(Message),
+}
+
+/// A librdkafka message. It borrows the consumer's client, which must
+/// outlive it: fetched records are kept only in the buffer, and only the
+/// driver and the stream hold the client, through [`ClientHandle`]s.
+type Fetched = BorrowedMessage<'static>;
+
+/// A handle of the consumer's client. When one goes, the fetched records
+/// still buffered go first, so whichever handle is the last, no record
+/// outlives the client. The stream's handle also keeps the client alive
+/// while it decodes a record it popped.
+struct ClientHandle {
+    shared: Arc<Shared>,
+    consumer: Arc<GroupConsumer>,
+}
+
+impl std::ops::Deref for ClientHandle {
+    type Target = GroupConsumer;
+    fn deref(&self) -> &GroupConsumer {
+        &self.consumer
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .buffer
+            .retain(|b| matches!(b.content, Content::Decoded(_)));
+    }
+}
+
+impl Buffered {
+    fn fetched(record: Fetched, token: Token) -> Self {
+        Buffered {
+            partition: record.partition(),
+            offset: record.offset(),
+            content: Content::Fetched(record),
+            redelivered: false,
+            token,
+        }
+    }
+
+    fn decode(self) -> (Record, bool, Token) {
+        let message = match self.content {
+            Content::Fetched(record) => decode(&record),
+            Content::Decoded(message) => message,
+        };
+        let record = Record {
+            message,
+            partition: self.partition,
+            offset: self.offset,
+        };
+        (record, self.redelivered, self.token)
+    }
 }
 
 impl Shared {
@@ -132,9 +200,7 @@ impl ConsumerContext for GroupContext {
                 let commits: Vec<(i32, i64)> = {
                     let mut state = self.shared.lock();
                     // Buffered but not handed out: the new owner gets them.
-                    state
-                        .buffer
-                        .retain(|b| !partitions.contains(&b.record.partition));
+                    state.buffer.retain(|b| !partitions.contains(&b.partition));
                     partitions
                         .iter()
                         .filter_map(|&p| state.tracker.revoke(p).map(|o| (p, o)))
@@ -234,16 +300,22 @@ pub(crate) async fn open(
         .subscribe(&[&subscription.topic])
         .map_err(|e| BrokerError::backend("kafka", e))?;
     let consumer = Arc::new(consumer);
+    let handle = || ClientHandle {
+        shared: shared.clone(),
+        consumer: consumer.clone(),
+    };
     let (stop_tx, stop_rx) = oneshot::channel();
     let driver = tokio::spawn(drive(
-        consumer,
+        handle(),
         shared.clone(),
         prefetch,
         options.clone(),
         stop_rx,
     ));
+    let stream_handle = handle();
     let stream = KafkaStream {
         shared,
+        consumer: Some(stream_handle),
         stop: Some(stop_tx),
         driver: Some(driver),
         close_timeout: options.close_timeout,
@@ -266,7 +338,7 @@ pub(crate) async fn open(
 /// prefetch bound, commits periodically; at the end commits what finished
 /// and leaves the group.
 async fn drive(
-    consumer: Arc<GroupConsumer>,
+    consumer: ClientHandle,
     shared: Arc<Shared>,
     prefetch: usize,
     options: ConsumerOptions,
@@ -329,14 +401,12 @@ async fn drive(
                         Ok(record) => {
                             last_error = None;
                             if record.topic() == &*shared.topic {
-                                chunk.push(Record {
-                                    message: decode(&record),
-                                    partition: record.partition(),
-                                    offset: record.offset(),
-                                });
+                                // SAFETY: see `Fetched`: the record goes to
+                                // the buffer, emptied of fetched records
+                                // before the last handle of the client goes.
+                                chunk.push(unsafe { std::mem::transmute::<BorrowedMessage<'_>, Fetched>(record) });
                                 room -= 1;
                             }
-                            drop(record);
                             if chunk.len() == CHUNK {
                                 hand_over(&shared, &mut chunk);
                             }
@@ -381,8 +451,8 @@ async fn drive(
                 .commit(&offsets_list(&topic, &commits), CommitMode::Sync)
                 .map_err(|e| BrokerError::backend("kafka", e)),
         };
-        // Dropping the last handle closes the consumer: it leaves the group
-        // (its partitions go to the other members at once).
+        // Leaves the group: its partitions go to the other members at once.
+        // The client closes when the stream lets its handle go too.
         consumer.unsubscribe();
         drop(consumer);
         result
@@ -409,7 +479,7 @@ async fn drive(
 /// Moves decoded records into the stream's buffer (counted unfinished from
 /// now on) and wakes the stream if it may be waiting: only when the buffer
 /// was empty, since otherwise it has work already.
-fn hand_over(shared: &Shared, chunk: &mut Vec<Record>) {
+fn hand_over(shared: &Shared, chunk: &mut Vec<Fetched>) {
     if chunk.is_empty() {
         return;
     }
@@ -417,12 +487,8 @@ fn hand_over(shared: &Shared, chunk: &mut Vec<Record>) {
         let mut state = shared.lock();
         let was_empty = state.buffer.is_empty();
         for record in chunk.drain(..) {
-            let token = state.tracker.received(record.partition, record.offset);
-            state.buffer.push_back(Buffered {
-                record,
-                redelivered: false,
-                token,
-            });
+            let token = state.tracker.received(record.partition(), record.offset());
+            state.buffer.push_back(Buffered::fetched(record, token));
         }
         was_empty
     };
@@ -487,6 +553,10 @@ fn commit_finished(consumer: &GroupConsumer, shared: &Shared) {
 /// The stream handed to the application.
 struct KafkaStream {
     shared: Arc<Shared>,
+    /// Keeps the client alive while `next` decodes a popped record (the
+    /// driver may let its handle go meanwhile); released on a blocking
+    /// thread, as the last handle's drop closes the consumer.
+    consumer: Option<ClientHandle>,
     stop: Option<oneshot::Sender<()>>,
     driver: Option<JoinHandle<Result<()>>>,
     close_timeout: Duration,
@@ -499,17 +569,22 @@ impl DeliveryStream for KafkaStream {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
             let notified = self.shared.ready.notified();
-            {
+            let popped = {
                 let mut state = self.shared.lock();
-                if let Some(b) = state.buffer.pop_front() {
-                    return Some(Ok(self.delivery(b)));
+                let popped = state.buffer.pop_front();
+                if popped.is_none() {
+                    if let Some(e) = state.failure.take() {
+                        return Some(Err(e));
+                    }
+                    if state.finished {
+                        return None;
+                    }
                 }
-                if let Some(e) = state.failure.take() {
-                    return Some(Err(e));
-                }
-                if state.finished {
-                    return None;
-                }
+                popped
+            };
+            // Decoded outside the lock: the driver and ackers need it.
+            if let Some(b) = popped {
+                return Some(Ok(self.delivery(b)));
             }
             notified.await;
         }
@@ -522,33 +597,56 @@ impl DeliveryStream for KafkaStream {
         let Some(driver) = self.driver.take() else {
             return Ok(());
         };
-        match tokio::time::timeout(self.close_timeout * 2, driver).await {
+        let result = match tokio::time::timeout(self.close_timeout * 2, driver).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
             Err(_) => Err(BrokerError::Timeout {
                 operation: "kafka subscription close",
                 after: self.close_timeout * 2,
             }),
+        };
+        if let Some(release) = self.release() {
+            let _ = tokio::time::timeout(self.close_timeout, release).await;
         }
+        result
+    }
+}
+
+impl Drop for KafkaStream {
+    fn drop(&mut self) {
+        // Without `close`: dropping `stop` ends the driver; the client goes
+        // when the last handle does.
+        self.release();
     }
 }
 
 impl KafkaStream {
     fn delivery(&self, b: Buffered) -> Delivery {
+        let (record, redelivered, token) = b.decode();
         let received = Received {
-            message: b.record.message.clone(),
+            message: record.message.clone(),
             topic: self.shared.topic.clone(),
-            redelivered: b.redelivered,
-            partition: Some(b.record.partition),
-            offset: Some(b.record.offset),
+            redelivered,
+            partition: Some(record.partition),
+            offset: Some(record.offset),
             attempt: 1,
         };
         let acker = KafkaAcker {
             shared: self.shared.clone(),
-            record: b.record,
-            token: b.token,
+            record,
+            token,
         };
         Delivery::new(received, Box::new(acker))
+    }
+
+    /// Lets the stream's handle of the client go, on a blocking thread (if
+    /// it is the last, its drop closes the consumer).
+    fn release(&mut self) -> Option<JoinHandle<()>> {
+        let consumer = self.consumer.take()?;
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(runtime.spawn_blocking(move || {
+            drop(consumer);
+        }))
     }
 }
 
@@ -606,10 +704,12 @@ impl Acker for KafkaAcker {
         let at = state
             .buffer
             .iter()
-            .position(|b| b.record.partition == partition && b.record.offset > offset)
+            .position(|b| b.partition == partition && b.offset > offset)
             .unwrap_or(0);
         let requeued = Buffered {
-            record: self.record,
+            content: Content::Decoded(self.record.message),
+            partition,
+            offset,
             redelivered: true,
             token,
         };
