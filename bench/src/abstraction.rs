@@ -10,7 +10,7 @@ use crate::measure::{batched, windowed, Arrivals, Outcome};
 use crate::Params;
 
 /// Message `i` of a run.
-fn message(p: &Params, payload: &bytes::Bytes, i: usize) -> Message {
+pub fn message(p: &Params, payload: &bytes::Bytes, i: usize) -> Message {
     Message::new(payload.clone()).with_key(p.key(i))
 }
 

@@ -94,7 +94,7 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
         "rabbitmq.consume.raw" => rabbitmq::consume_raw(p).await,
         "rabbitmq.consume.lib-1" => rabbitmq::consume_lib(p, 1).await,
         "rabbitmq.consume.lib-n" => rabbitmq::consume_lib(p, lanes).await,
-        "memory.publish.lib" => memory::publish(p).await,
+        "memory.publish.lib" => memory::publish_alone(p).await,
         "memory.publish-consume.lib-n" => memory::end_to_end(p, lanes).await,
         other => panic!("unknown scenario {other}"),
     }

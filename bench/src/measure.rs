@@ -163,6 +163,11 @@ impl Arrivals {
         }
     }
 
+    /// Deliveries so far.
+    pub fn count(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Waits (at most `timeout`) for every delivery; the outcome of the
     /// span from the first to the last.
     pub async fn wait(&self, timeout: Duration) -> Outcome {

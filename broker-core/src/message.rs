@@ -63,13 +63,62 @@ pub struct Message {
 
 #[derive(Clone, PartialEq, Eq)]
 struct Fields {
-    id: String,
+    id: Id,
     payload: Bytes,
     key: Option<String>,
     headers: Headers,
     timestamp: SystemTime,
     correlation_id: Option<String>,
     traceparent: Option<String>,
+}
+
+/// A message id. Nearly every id is a hyphenated UUID, 36 ASCII bytes:
+/// ids of that length are kept inline, so making or decoding a message
+/// allocates one string fewer.
+#[derive(Clone, PartialEq, Eq)]
+enum Id {
+    Inline([u8; 36]),
+    Heap(String),
+}
+
+impl Id {
+    fn new_v7() -> Self {
+        let mut bytes = [0; 36];
+        Uuid::now_v7().hyphenated().encode_lower(&mut bytes);
+        Id::Inline(bytes)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Only ever copied from a `str` or a UUID: valid UTF-8.
+            Id::Inline(bytes) => std::str::from_utf8(bytes).expect("ids are UTF-8"),
+            Id::Heap(id) => id,
+        }
+    }
+}
+
+impl From<&str> for Id {
+    fn from(id: &str) -> Self {
+        match <[u8; 36]>::try_from(id.as_bytes()) {
+            Ok(bytes) => Id::Inline(bytes),
+            Err(_) => Id::Heap(id.to_owned()),
+        }
+    }
+}
+
+impl From<String> for Id {
+    fn from(id: String) -> Self {
+        match <[u8; 36]>::try_from(id.as_bytes()) {
+            Ok(bytes) => Id::Inline(bytes),
+            Err(_) => Id::Heap(id),
+        }
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
 }
 
 impl Message {
@@ -87,11 +136,7 @@ impl Message {
     /// A message read back from a broker, with the id and time its
     /// publisher gave it: no new id is made and the clock is not read
     /// (backends decode with this, once per delivered message).
-    pub fn restore(
-        id: impl Into<String>,
-        payload: impl Into<Bytes>,
-        timestamp: SystemTime,
-    ) -> Self {
+    pub fn restore(id: &str, payload: impl Into<Bytes>, timestamp: SystemTime) -> Self {
         Message::of(Fields {
             id: id.into(),
             payload: payload.into(),
@@ -106,7 +151,7 @@ impl Message {
     /// A message with a fresh UUID (v7, so ids sort by creation time) and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Message::of(Fields {
-            id: Uuid::now_v7().to_string(),
+            id: Id::new_v7(),
             payload: payload.into(),
             key: None,
             headers: Headers::new(),
@@ -118,7 +163,7 @@ impl Message {
 
     /// Sets the id (backends use this when reading a message back).
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.fields_mut().id = id.into();
+        self.fields_mut().id = id.into().into();
         self
     }
     /// Sets the key: partition key on Kafka, ordering key everywhere.
@@ -161,7 +206,7 @@ impl Message {
                 .fields
                 .correlation_id
                 .clone()
-                .unwrap_or_else(|| cause.fields.id.clone()),
+                .unwrap_or_else(|| cause.id().to_owned()),
         );
         self.fields_mut().traceparent =
             Some(child_traceparent(cause.fields.traceparent.as_deref()));
@@ -170,7 +215,7 @@ impl Message {
 
     /// The message id.
     pub fn id(&self) -> &str {
-        &self.fields.id
+        self.fields.id.as_str()
     }
     /// The payload.
     pub fn payload(&self) -> &Bytes {
@@ -215,7 +260,7 @@ impl Message {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
-            + self.fields.id.len()
+            + self.id().len()
             + self.fields.correlation_id.as_ref().map_or(0, String::len)
             + self.fields.traceparent.as_ref().map_or(0, String::len)
     }

@@ -55,7 +55,10 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     if let Some(headers) = record.headers() {
         for h in headers.iter() {
             match h.key {
-                header::MESSAGE_ID => id = Some(text(h.value)),
+                // Borrowed: most ids are kept inline, without a string.
+                header::MESSAGE_ID => {
+                    id = Some(String::from_utf8_lossy(h.value.unwrap_or_default()))
+                }
                 header::CORRELATION_ID => correlation_id = Some(text(h.value)),
                 header::TRACEPARENT => traceparent = Some(text(h.value)),
                 key => {
@@ -72,7 +75,7 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     };
     // Only a foreign record needs a new id or the clock.
     let mut message = match (id, timestamp) {
-        (Some(id), Some(at)) => Message::restore(id, payload, at),
+        (Some(id), Some(at)) => Message::restore(&id, payload, at),
         (Some(id), None) => Message::new(payload).with_id(id),
         (None, at) => {
             let fresh = Message::new(payload);
