@@ -133,6 +133,8 @@ pub struct Arrivals {
     first: std::sync::OnceLock<Instant>,
     last: std::sync::Mutex<Option<Instant>>,
     done: tokio::sync::Notify,
+    /// Signalled every [`Arrivals::STEP`] deliveries.
+    progress: tokio::sync::Notify,
 }
 
 impl Arrivals {
@@ -144,6 +146,7 @@ impl Arrivals {
             first: Default::default(),
             last: Default::default(),
             done: Default::default(),
+            progress: Default::default(),
         }
     }
 
@@ -152,6 +155,9 @@ impl Arrivals {
         // The clock is read for the first and the last only: reading it per
         // message would add its cost to every scenario.
         let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        if seen % Self::STEP == 0 {
+            self.progress.notify_one();
+        }
         if seen == 1 {
             let _ = self.first.set(Instant::now());
         }
@@ -163,9 +169,19 @@ impl Arrivals {
         }
     }
 
+    /// How many deliveries make one step of progress.
+    pub const STEP: usize = 1024;
+
     /// Deliveries so far.
     pub fn count(&self) -> usize {
         self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until at least `n` deliveries arrived (checked every step).
+    pub async fn reached(&self, n: usize) {
+        while self.count() < n {
+            self.progress.notified().await;
+        }
     }
 
     /// Waits (at most `timeout`) for every delivery; the outcome of the

@@ -80,6 +80,10 @@ struct Member {
     prefetch: usize,
     /// Unacked messages this member holds, handed out or not yet.
     held: usize,
+    /// Set when `held` reached `prefetch`; cleared when half of it is
+    /// settled. Refilling in runs, not one message per ack, spares the
+    /// member a wake-up per message.
+    full: bool,
     /// Tags pushed to this member, not yet returned by `next`.
     inbox: VecDeque<u64>,
 }
@@ -91,7 +95,7 @@ impl QueueState {
             let n = self.members.len();
             let Some(i) = (0..n)
                 .map(|k| (self.next_member + k) % n)
-                .find(|&i| self.members[i].held < self.members[i].prefetch)
+                .find(|&i| !self.members[i].full)
             else {
                 return;
             };
@@ -101,6 +105,7 @@ impl QueueState {
             self.next_tag += 1;
             let member = &mut self.members[i];
             member.held += 1;
+            member.full = member.held >= member.prefetch;
             member.inbox.push_back(tag);
             self.unacked.insert(tag, (pending, member.id));
             self.changes += 1;
@@ -325,6 +330,7 @@ impl Subscriber for MemoryBroker {
                 id,
                 prefetch: subscription.prefetch.max(1),
                 held: 0,
+                full: false,
                 inbox: VecDeque::new(),
             });
             q.dispatch();
@@ -431,6 +437,9 @@ impl MemoryAcker {
                 .ok_or(BrokerError::Closed("memory subscription"))?;
             if let Some(member) = q.members.iter_mut().find(|m| m.id == holder) {
                 member.held -= 1;
+                if member.held <= member.prefetch / 2 {
+                    member.full = false;
+                }
             }
             if requeue {
                 pending.redelivered = true;
