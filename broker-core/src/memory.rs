@@ -58,6 +58,10 @@ struct Topic {
 struct GroupQueue {
     state: Mutex<QueueState>,
     changed: tokio::sync::Notify,
+    /// Acks made while another thread held `state`: applied by whoever
+    /// holds it next, so that acking never waits for the lock (lanes on
+    /// several cores otherwise queue up on it).
+    acked: Mutex<Vec<u64>>,
 }
 
 #[derive(Default)]
@@ -89,6 +93,27 @@ struct Member {
 }
 
 impl QueueState {
+    /// Settles one delivery: its holder gets room again; with `requeue`
+    /// the message goes back to the front of the queue.
+    fn release(&mut self, tag: u64, requeue: bool) -> Result<()> {
+        let (mut pending, holder) = self
+            .unacked
+            .remove(&tag)
+            // Already returned to the queue because its stream closed.
+            .ok_or(BrokerError::Closed("memory subscription"))?;
+        if let Some(member) = self.members.iter_mut().find(|m| m.id == holder) {
+            member.held -= 1;
+            if member.held <= member.prefetch / 2 {
+                member.full = false;
+            }
+        }
+        if requeue {
+            pending.redelivered = true;
+            self.ready.push_front(pending);
+        }
+        Ok(())
+    }
+
     /// Pushes ready messages to members with room, round-robin.
     fn dispatch(&mut self) {
         while !self.ready.is_empty() {
@@ -134,19 +159,60 @@ impl QueueState {
 }
 
 impl GroupQueue {
-    /// Runs `f` on the state, then, if an inbox changed, wakes every
-    /// member to look at its own.
+    /// Runs `f` on the state (after the acks left for it), then, if an
+    /// inbox changed, wakes every member to look at its own.
     fn update<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
-        let (out, changed) = {
+        let (out, mut changed) = {
             let mut state = lock(&self.state);
             let before = state.changes;
+            self.apply_acked(&mut state);
             let out = f(&mut state);
             (out, state.changes != before)
         };
+        // Acks left by ackers that found the lock taken meanwhile.
+        changed |= self.flush_acked();
         if changed {
             self.changed.notify_waiters();
         }
         out
+    }
+
+    /// Acks `tag`: at once if the state is free, else left for its holder.
+    fn ack(&self, tag: u64) {
+        lock(&self.acked).push(tag);
+        if self.flush_acked() {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Applies the acks left, unless another thread holds the state: that
+    /// one applies them when it lets go (see `update`). True if an inbox
+    /// changed.
+    fn flush_acked(&self) -> bool {
+        let mut changed = false;
+        while !lock(&self.acked).is_empty() {
+            let mut state = match self.state.try_lock() {
+                Ok(state) => state,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => break,
+            };
+            let before = state.changes;
+            self.apply_acked(&mut state);
+            changed |= state.changes != before;
+        }
+        changed
+    }
+
+    fn apply_acked(&self, state: &mut QueueState) {
+        let tags = std::mem::take(&mut *lock(&self.acked));
+        if tags.is_empty() {
+            return;
+        }
+        for tag in tags {
+            // An ack of a message its closed stream gave back is ignored.
+            let _ = state.release(tag, false);
+        }
+        state.dispatch();
     }
 }
 
@@ -362,16 +428,19 @@ impl MemoryStream {
     /// once, so the queue's lock is taken once per run, not per message.
     fn try_take(&mut self) -> Option<Delivery> {
         if self.taken.is_empty() {
-            let mut state = lock(&self.queue.state);
-            let state = &mut *state;
-            let member = state.members.iter_mut().find(|m| m.id == self.id)?;
-            let unacked = &state.unacked;
-            self.taken.extend(
-                member
-                    .inbox
-                    .drain(..)
-                    .map(|tag| (tag, unacked[&tag].0.clone())),
-            );
+            let (id, taken) = (self.id, &mut self.taken);
+            self.queue.update(|state| {
+                let Some(member) = state.members.iter_mut().find(|m| m.id == id) else {
+                    return;
+                };
+                let unacked = &state.unacked;
+                taken.extend(
+                    member
+                        .inbox
+                        .drain(..)
+                        .map(|tag| (tag, unacked[&tag].0.clone())),
+                );
+            });
         }
         let (tag, pending) = self.taken.pop_front()?;
         Some(Delivery::new(
@@ -427,36 +496,17 @@ struct MemoryAcker {
     tag: u64,
 }
 
-impl MemoryAcker {
-    fn settle(&self, requeue: bool) -> Result<()> {
-        self.queue.update(|q| {
-            let (mut pending, holder) = q
-                .unacked
-                .remove(&self.tag)
-                // Already returned to the queue because its stream closed.
-                .ok_or(BrokerError::Closed("memory subscription"))?;
-            if let Some(member) = q.members.iter_mut().find(|m| m.id == holder) {
-                member.held -= 1;
-                if member.held <= member.prefetch / 2 {
-                    member.full = false;
-                }
-            }
-            if requeue {
-                pending.redelivered = true;
-                q.ready.push_front(pending);
-            }
-            q.dispatch();
-            Ok(())
-        })
-    }
-}
-
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle(false)
+        self.queue.ack(self.tag);
+        Ok(())
     }
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
-        self.settle(requeue)
+        self.queue.update(|q| {
+            q.release(self.tag, requeue)?;
+            q.dispatch();
+            Ok(())
+        })
     }
 }
