@@ -68,6 +68,10 @@ pub(crate) struct ConsumerOptions {
 struct Shared {
     topic: Arc<str>,
     state: Mutex<State>,
+    /// Acks made while another thread held `state`, applied by whoever
+    /// holds it next (see [`Locked`]): acking never waits for the lock,
+    /// which lanes on several cores otherwise queue up on.
+    acked: Mutex<Vec<Acked>>,
     /// Driver → stream: a delivery is buffered (or the driver stopped).
     ready: Notify,
     /// Ackers and rebalances → driver: unfinished deliveries went down.
@@ -170,11 +174,91 @@ impl Buffered {
     }
 }
 
+/// A finished delivery: partition, offset, hand-out token.
+type Acked = (i32, i64, Token);
+
+// A panic while holding a lock leaves plain collections behind; carrying
+// on is safer than poisoning every later ack.
+fn plain_lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The locked state. Acks left for the holder are applied when it is
+/// taken and again when it is let go, then once more after (those left
+/// in between), so none waits for a later lock.
+struct Locked<'a> {
+    shared: &'a Shared,
+    state: Option<MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.state.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.state.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.state.take() {
+            self.shared.apply_acked(&mut state);
+        }
+        self.shared.flush_acked();
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain collections behind;
-        // carrying on is safer than poisoning every later ack.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        let mut state = plain_lock(&self.state);
+        self.apply_acked(&mut state);
+        Locked {
+            shared: self,
+            state: Some(state),
+        }
+    }
+
+    /// Settles a delivery: now if the state is free, else its holder does.
+    fn ack(&self, acked: Acked) {
+        plain_lock(&self.acked).push(acked);
+        self.flush_acked();
+    }
+
+    /// Applies the acks left, unless another thread holds the state (it
+    /// applies them when it lets go).
+    fn flush_acked(&self) {
+        while !plain_lock(&self.acked).is_empty() {
+            let mut state = match self.state.try_lock() {
+                Ok(state) => state,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            self.apply_acked(&mut state);
+        }
+    }
+
+    fn apply_acked(&self, state: &mut State) {
+        let acks = std::mem::take(&mut *plain_lock(&self.acked));
+        if acks.is_empty() {
+            return;
+        }
+        for (partition, offset, token) in acks {
+            if !state.tracker.ack(partition, offset, token) {
+                tracing::debug!(
+                    partition,
+                    offset,
+                    "ack ignored: partition revoked or subscription closed; the message will be redelivered"
+                );
+            }
+        }
+        if state.tracker.pending() <= self.resume_at {
+            self.room.notify_one();
+        }
     }
 
     fn partitions_of(&self, tpl: &TopicPartitionList) -> BTreeSet<i32> {
@@ -283,6 +367,7 @@ pub(crate) async fn open(
             failure: None,
             finished: false,
         }),
+        acked: Mutex::default(),
         ready: Notify::new(),
         room: Notify::new(),
         resume_at: prefetch / 2,
@@ -663,22 +748,7 @@ impl KafkaAcker {
         let Record {
             partition, offset, ..
         } = self.record;
-        let acked = {
-            let mut state = self.shared.lock();
-            let acked = state.tracker.ack(partition, offset, self.token);
-            acked.then(|| state.tracker.pending())
-        };
-        if let Some(pending) = acked {
-            if pending <= self.shared.resume_at {
-                self.shared.room.notify_one();
-            }
-        } else {
-            tracing::debug!(
-                partition,
-                offset,
-                "ack ignored: partition revoked or subscription closed; the message will be redelivered"
-            );
-        }
+        self.shared.ack((partition, offset, self.token));
     }
 }
 
