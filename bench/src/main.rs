@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p bench -- [--preset smoke|full] [--n N] [--memory-n N]
 //!     [--sizes 100,1024] [--only kafka,rabbitmq,memory] [--lanes N] [--prefetch N]
+//!     [--runs N]
 //!     [--out FILE]
 //! ```
 //!
@@ -105,6 +106,9 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
 struct Options {
     n: usize,
     memory_n: usize,
+    /// Runs of each scenario; the table shows the median one (two shared
+    /// cores make single runs swing by 10-20%).
+    runs: usize,
     sizes: Vec<usize>,
     only: Vec<String>,
     lanes: usize,
@@ -124,6 +128,7 @@ fn parse_options() -> Result<Options, String> {
         prefetch: 200,
         out: None,
         scenario: None,
+        runs: 1,
     };
     let number = |v: Option<String>, name: &str| -> Result<usize, String> {
         v.and_then(|v| v.parse().ok())
@@ -135,16 +140,19 @@ fn parse_options() -> Result<Options, String> {
                 Some("smoke") => {
                     o.n = 2_000;
                     o.memory_n = 100_000;
+                    o.runs = 1;
                 }
                 Some("full") => {
                     o.n = 100_000;
                     o.memory_n = 1_000_000;
+                    o.runs = 3;
                 }
                 other => return Err(format!("--preset smoke|full, not {other:?}")),
             },
             "--n" => o.n = number(args.next(), "n")?,
             "--memory-n" => o.memory_n = number(args.next(), "memory-n")?,
             "--lanes" => o.lanes = number(args.next(), "lanes")?,
+            "--runs" => o.runs = number(args.next(), "runs")?.max(1),
             "--prefetch" => o.prefetch = number(args.next(), "prefetch")?,
             "--sizes" => {
                 o.sizes = args
@@ -215,6 +223,16 @@ fn in_child(o: &Options, name: &str, size: usize) -> Result<Outcome, String> {
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             )
         })
+}
+
+/// The run with the median rate of `runs` runs (the first failure, if any).
+fn median_of(
+    runs: usize,
+    mut run: impl FnMut() -> Result<Outcome, String>,
+) -> Result<Outcome, String> {
+    let mut outcomes = (0..runs).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
+    outcomes.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    Ok(outcomes.swap_remove(outcomes.len() / 2))
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {
@@ -373,7 +391,7 @@ async fn main() {
                 continue;
             }
             eprintln!("running {name} ({size} B)...");
-            let r = in_child(&o, name, size);
+            let r = median_of(o.runs, || in_child(&o, name, size));
             if let Err(e) = &r {
                 eprintln!("  {e}");
             }
@@ -383,8 +401,8 @@ async fn main() {
 
     let mut table = String::new();
     table.push_str(&format!(
-        "Machine: {}\n\nN = {} messages per scenario ({} on memory); N lanes = {}; prefetch {}; msgs/s; latency p50 / p99 in µs (publish call to broker confirmation); peak RSS in MiB of the scenario's process.\n\n",
-        machine(), o.n, o.memory_n, o.lanes, o.prefetch
+        "Machine: {}\n\nN = {} messages per scenario ({} on memory), median of {} runs; N lanes = {}; prefetch {}; msgs/s; latency p50 / p99 in µs (publish call to broker confirmation); peak RSS in MiB of the scenario's process.\n\n",
+        machine(), o.n, o.memory_n, o.runs, o.lanes, o.prefetch
     ));
     table.push_str("| backend | scenario | size | raw msgs/s | lib msgs/s | lib/raw | raw p50 / p99 | lib p50 / p99 | raw RSS | lib RSS |\n");
     table.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
