@@ -41,6 +41,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub mod backoff;
+pub mod combining;
 pub mod config;
 pub mod consumer;
 pub mod delivery;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
+use crate::combining::{Apply, Combining};
 use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
 use crate::message::{check_outgoing, Message};
@@ -54,18 +55,16 @@ struct Topic {
 }
 
 /// One queue per (group, topic), shared by the group's members.
-#[derive(Default)]
 struct GroupQueue {
-    state: Mutex<QueueState>,
-    changed: tokio::sync::Notify,
-    /// Acks made while another thread held `state`: applied by whoever
-    /// holds it next, so that acking never waits for the lock (lanes on
-    /// several cores otherwise queue up on it).
-    acked: Mutex<Vec<u64>>,
+    /// Acks (tags) never wait for the lock: see [`Combining`].
+    state: Combining<QueueState, u64>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
 struct QueueState {
+    /// Wakes the members to look at their inboxes.
+    changed: Arc<tokio::sync::Notify>,
     ready: VecDeque<Pending>,
     /// Delivered to a member and not settled, by tag, with the member's id.
     unacked: BTreeMap<u64, (Pending, u64)>,
@@ -158,61 +157,46 @@ impl QueueState {
     }
 }
 
+impl Apply<u64> for QueueState {
+    /// Acks: the holders get room again.
+    fn apply(&mut self, tags: Vec<u64>) {
+        let before = self.changes;
+        for tag in tags {
+            // An ack of a message its closed stream gave back is ignored.
+            let _ = self.release(tag, false);
+        }
+        self.dispatch();
+        if self.changes != before {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 impl GroupQueue {
-    /// Runs `f` on the state (after the acks left for it), then, if an
-    /// inbox changed, wakes every member to look at its own.
+    fn new() -> Self {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        GroupQueue {
+            state: Combining::new(QueueState {
+                changed: changed.clone(),
+                ..QueueState::default()
+            }),
+            changed,
+        }
+    }
+
+    /// Runs `f` on the state, then, if an inbox changed, wakes every
+    /// member to look at its own.
     fn update<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
-        let (out, mut changed) = {
-            let mut state = lock(&self.state);
+        let (out, changed) = {
+            let mut state = self.state.lock();
             let before = state.changes;
-            self.apply_acked(&mut state);
             let out = f(&mut state);
             (out, state.changes != before)
         };
-        // Acks left by ackers that found the lock taken meanwhile.
-        changed |= self.flush_acked();
         if changed {
             self.changed.notify_waiters();
         }
         out
-    }
-
-    /// Acks `tag`: at once if the state is free, else left for its holder.
-    fn ack(&self, tag: u64) {
-        lock(&self.acked).push(tag);
-        if self.flush_acked() {
-            self.changed.notify_waiters();
-        }
-    }
-
-    /// Applies the acks left, unless another thread holds the state: that
-    /// one applies them when it lets go (see `update`). True if an inbox
-    /// changed.
-    fn flush_acked(&self) -> bool {
-        let mut changed = false;
-        while !lock(&self.acked).is_empty() {
-            let mut state = match self.state.try_lock() {
-                Ok(state) => state,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => break,
-            };
-            let before = state.changes;
-            self.apply_acked(&mut state);
-            changed |= state.changes != before;
-        }
-        changed
-    }
-
-    fn apply_acked(&self, state: &mut QueueState) {
-        let tags = std::mem::take(&mut *lock(&self.acked));
-        if tags.is_empty() {
-            return;
-        }
-        for tag in tags {
-            // An ack of a message its closed stream gave back is ignored.
-            let _ = state.release(tag, false);
-        }
-        state.dispatch();
     }
 }
 
@@ -379,8 +363,8 @@ impl Subscriber for MemoryBroker {
                 .groups
                 .entry(subscription.group.clone())
                 .or_insert_with(|| {
-                    let queue = GroupQueue::default();
-                    lock(&queue.state).ready = retained
+                    let queue = GroupQueue::new();
+                    queue.state.lock().ready = retained
                         .iter()
                         .map(|m| Pending {
                             message: m.clone(),
@@ -499,7 +483,7 @@ struct MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.queue.ack(self.tag);
+        self.queue.state.update(self.tag);
         Ok(())
     }
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {

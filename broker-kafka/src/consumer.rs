@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,6 +34,7 @@ use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
+use broker_core::combining::{Apply, Combining, Guard};
 use broker_core::config::KafkaSettings;
 use broker_core::{
     Acker, BrokerError, Delivery, DeliveryStream, Message, Received, Result, Subscription,
@@ -49,7 +50,7 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 /// pauses the partitions (pausing drops what librdkafka prefetched).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
-/// Records decoded before they are handed to the stream under one lock.
+/// Records handed to the stream under one lock.
 const CHUNK: usize = 32;
 
 /// Tuning of subscriptions, from the broker's builder.
@@ -67,19 +68,12 @@ pub(crate) struct ConsumerOptions {
 /// callbacks (which run inside the driver's poll).
 struct Shared {
     topic: Arc<str>,
-    state: Mutex<State>,
-    /// Acks made while another thread held `state`, applied by whoever
-    /// holds it next (see [`Locked`]): acking never waits for the lock,
-    /// which lanes on several cores otherwise queue up on.
-    acked: Mutex<Vec<Acked>>,
+    /// Acks never wait for the lock: see [`Combining`].
+    state: Combining<State, Acked>,
     /// Driver → stream: a delivery is buffered (or the driver stopped).
     ready: Notify,
     /// Ackers and rebalances → driver: unfinished deliveries went down.
-    room: Notify,
-    /// Ackers wake the driver stopped at the prefetch bound only once the
-    /// unfinished deliveries fall to this many (half the bound): it then
-    /// refills in one burst instead of trading one wake-up per ack.
-    resume_at: usize,
+    room: Arc<Notify>,
     /// True once the first assignment (possibly empty) arrived.
     assigned: watch::Sender<bool>,
     /// Assignments so far: the driver re-pauses after one.
@@ -88,6 +82,12 @@ struct Shared {
 
 struct State {
     tracker: OffsetTracker,
+    /// The driver's [`Shared::room`].
+    room: Arc<Notify>,
+    /// Acks wake the driver stopped at the prefetch bound only once the
+    /// unfinished deliveries fall to this many (half the bound): it then
+    /// refills in one burst instead of trading one wake-up per ack.
+    resume_at: usize,
     buffer: VecDeque<Buffered>,
     failure: Option<BrokerError>,
     finished: bool,
@@ -177,78 +177,10 @@ impl Buffered {
 /// A finished delivery: partition, offset, hand-out token.
 type Acked = (i32, i64, Token);
 
-// A panic while holding a lock leaves plain collections behind; carrying
-// on is safer than poisoning every later ack.
-fn plain_lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The locked state. Acks left for the holder are applied when it is
-/// taken and again when it is let go, then once more after (those left
-/// in between), so none waits for a later lock.
-struct Locked<'a> {
-    shared: &'a Shared,
-    state: Option<MutexGuard<'a, State>>,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        self.state.as_ref().expect("held until drop")
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.state.as_mut().expect("held until drop")
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        if let Some(mut state) = self.state.take() {
-            self.shared.apply_acked(&mut state);
-        }
-        self.shared.flush_acked();
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> Locked<'_> {
-        let mut state = plain_lock(&self.state);
-        self.apply_acked(&mut state);
-        Locked {
-            shared: self,
-            state: Some(state),
-        }
-    }
-
-    /// Settles a delivery: now if the state is free, else its holder does.
-    fn ack(&self, acked: Acked) {
-        plain_lock(&self.acked).push(acked);
-        self.flush_acked();
-    }
-
-    /// Applies the acks left, unless another thread holds the state (it
-    /// applies them when it lets go).
-    fn flush_acked(&self) {
-        while !plain_lock(&self.acked).is_empty() {
-            let mut state = match self.state.try_lock() {
-                Ok(state) => state,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return,
-            };
-            self.apply_acked(&mut state);
-        }
-    }
-
-    fn apply_acked(&self, state: &mut State) {
-        let acks = std::mem::take(&mut *plain_lock(&self.acked));
-        if acks.is_empty() {
-            return;
-        }
+impl Apply<Acked> for State {
+    fn apply(&mut self, acks: Vec<Acked>) {
         for (partition, offset, token) in acks {
-            if !state.tracker.ack(partition, offset, token) {
+            if !self.tracker.ack(partition, offset, token) {
                 tracing::debug!(
                     partition,
                     offset,
@@ -256,9 +188,15 @@ impl Shared {
                 );
             }
         }
-        if state.tracker.pending() <= self.resume_at {
+        if self.tracker.pending() <= self.resume_at {
             self.room.notify_one();
         }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> Guard<'_, State, Acked> {
+        self.state.lock()
     }
 
     fn partitions_of(&self, tpl: &TopicPartitionList) -> BTreeSet<i32> {
@@ -359,18 +297,19 @@ pub(crate) async fn open(
 ) -> Result<Box<dyn DeliveryStream>> {
     let (assigned, mut assigned_rx) = watch::channel(false);
     let prefetch = subscription.prefetch.max(1);
+    let room = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         topic: subscription.topic.as_str().into(),
-        state: Mutex::new(State {
+        state: Combining::new(State {
             tracker: OffsetTracker::new(),
+            room: room.clone(),
+            resume_at: prefetch / 2,
             buffer: VecDeque::new(),
             failure: None,
             finished: false,
         }),
-        acked: Mutex::default(),
         ready: Notify::new(),
-        room: Notify::new(),
-        resume_at: prefetch / 2,
+        room,
         assigned,
         assignments: AtomicU64::new(0),
     });
@@ -476,8 +415,8 @@ async fn drive(
             record = records.next(), if !full || paused => {
                 // Take what librdkafka already holds, up to the bound (one
                 // record when paused: it comes from a partition assigned
-                // since), decoding outside the lock and handing records over
-                // a chunk at a time.
+                // since), handing records over a chunk at a time; the stream
+                // decodes them.
                 let mut room = if full { 1 } else { prefetch - pending };
                 let mut chunk = Vec::with_capacity(CHUNK.min(room));
                 let mut next = Some(record);
@@ -561,7 +500,7 @@ async fn drive(
     outcome.and(committed)
 }
 
-/// Moves decoded records into the stream's buffer (counted unfinished from
+/// Moves fetched records into the stream's buffer (counted unfinished from
 /// now on) and wakes the stream if it may be waiting: only when the buffer
 /// was empty, since otherwise it has work already.
 fn hand_over(shared: &Shared, chunk: &mut Vec<Fetched>) {
@@ -748,7 +687,7 @@ impl KafkaAcker {
         let Record {
             partition, offset, ..
         } = self.record;
-        self.shared.ack((partition, offset, self.token));
+        self.shared.state.update((partition, offset, self.token));
     }
 }
 
