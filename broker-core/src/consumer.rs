@@ -436,23 +436,25 @@ pub fn dead_letter_message(received: &Received, error: &HandlerError, group: &st
     let mut letter = received.message.clone();
     let headers = letter.headers_mut();
     let reason: String = error.to_string().chars().take(1024).collect();
-    headers.insert(header::DLQ_REASON.into(), reason);
-    headers.insert(header::DLQ_ERROR_KIND.into(), error.kind().as_str().into());
+    headers.insert(header::DLQ_REASON, reason);
+    headers.insert(header::DLQ_ERROR_KIND, error.kind().as_str());
+    headers.insert(header::DLQ_ORIGINAL_TOPIC, &*received.topic);
+    headers.insert(header::DLQ_ATTEMPTS, received.attempt.to_string());
+    headers.insert(header::DLQ_GROUP, group);
     headers.insert(
-        header::DLQ_ORIGINAL_TOPIC.into(),
-        received.topic.to_string(),
-    );
-    headers.insert(header::DLQ_ATTEMPTS.into(), received.attempt.to_string());
-    headers.insert(header::DLQ_GROUP.into(), group.into());
-    headers.insert(
-        header::DLQ_FAILED_AT.into(),
+        header::DLQ_FAILED_AT,
         millis_since_epoch(now_millis()).to_string(),
     );
     if let Some(p) = received.partition {
-        headers.insert(header::DLQ_PARTITION.into(), p.to_string());
+        headers.insert(header::DLQ_PARTITION, p.to_string());
     }
     if let Some(o) = received.offset {
-        headers.insert(header::DLQ_OFFSET.into(), o.to_string());
+        headers.insert(header::DLQ_OFFSET, o.to_string());
+    }
+    // As RabbitMQ's own dead-lettering does: a letter must not expire in
+    // the dead-letter queue.
+    if letter.amqp().is_some_and(|p| p.expiration.is_some()) {
+        letter.amqp_mut().expiration = None;
     }
     letter
 }
@@ -467,9 +469,9 @@ async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
 
 /// The lane of `key`: FNV-1a, which is stable and, for short keys, several
 /// times cheaper than the std SipHash (this runs once per message).
-fn lane_of(key: &str, lanes: usize) -> usize {
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+fn lane_of(key: &[u8], lanes: usize) -> usize {
+    let hash = key.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     (hash % lanes as u64) as usize
 }

@@ -33,7 +33,8 @@ use crate::Publisher;
 /// }
 ///
 /// let msg = FeatureUsed { user_id: "u1".into(), count: 2 }.to_message().unwrap();
-/// assert_eq!(msg.key(), Some("u1"));
+/// assert_eq!(msg.key_str(), Some("u1"));
+/// assert_eq!(msg.content_type(), Some("application/json"));
 /// let back = FeatureUsed::from_message(&msg).unwrap();
 /// assert_eq!(back.count, 2);
 /// assert!(FeatureUsed { user_id: "".into(), count: 2 }.to_message().is_err());
@@ -48,11 +49,11 @@ pub trait Event: Serialize + DeserializeOwned + Validate + Send + Sync + 'static
     }
 
     /// Validates and encodes into a message (key set from
-    /// [`Event::partition_key`], `content-type: application/json`).
+    /// [`Event::partition_key`], content type `application/json`).
     fn to_message(&self) -> Result<Message> {
         self.validate()?;
         let payload = serde_json::to_vec(self).map_err(BrokerError::Encode)?;
-        let mut msg = Message::new(payload).with_header("content-type", "application/json");
+        let mut msg = Message::new(payload).with_content_type("application/json");
         if let Some(key) = self.partition_key() {
             msg = msg.with_key(key);
         }

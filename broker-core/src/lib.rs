@@ -65,7 +65,7 @@ pub use error::{BrokerError, Result};
 pub use event::{Event, PublisherExt};
 pub use handler::{typed, FailureKind, Handler, HandlerError};
 pub use memory::MemoryBroker;
-pub use message::{Headers, Message};
+pub use message::{AmqpProperties, AmqpValue, HeaderValue, Headers, Message};
 pub use metrics::{Metrics, MetricsSnapshot};
 
 /// Whether a backend can currently do its work.

@@ -200,7 +200,10 @@ pub async fn replay_dead_letters(
             Ok(None) | Err(_) => break,
         };
         let mut message = delivery.message().clone();
-        let target = message.headers_mut().remove(header::DLQ_ORIGINAL_TOPIC);
+        let target = message
+            .headers_mut()
+            .remove(header::DLQ_ORIGINAL_TOPIC)
+            .and_then(|v| v.as_str().map(str::to_owned));
         message
             .headers_mut()
             .retain(|name, _| !name.starts_with("x-dlq-"));

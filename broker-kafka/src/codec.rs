@@ -1,15 +1,22 @@
-//! Mapping between [`Message`] and Kafka records.
+//! Mapping between [`Message`] and Kafka records, byte for byte.
 //!
 //! Kafka has native key, value, headers and timestamp; the message id,
-//! correlation id and `traceparent` travel in the reserved headers of
-//! [`broker_core::message::header`] and are stripped again on read, so the
-//! application sees exactly the message that was published.
+//! correlation id, `traceparent` and content type travel in the reserved
+//! headers of [`broker_core::message::header`] (written first) and are
+//! stripped again on read, so the application sees exactly the message that
+//! was published. Keys and header values are bytes and stay bytes (a null
+//! header value is [`HeaderValue::Null`]); headers keep their order and
+//! duplicates. A typed AMQP header value (from a message bridged from
+//! RabbitMQ) is written as its text.
+//!
+//! A record from another producer without an id header gets an id derived
+//! from its topic, partition and offset, the same on every redelivery.
 
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers, OwnedHeaders, Timestamp};
 
-use broker_core::message::{from_millis_since_epoch, header};
-use broker_core::Message;
+use broker_core::message::{derived_id, from_millis_since_epoch, header};
+use broker_core::{HeaderValue, Message};
 
 /// Headers of the record: the reserved ones, then the application's.
 pub(crate) fn encode_headers(message: &Message) -> OwnedHeaders {
@@ -17,53 +24,54 @@ pub(crate) fn encode_headers(message: &Message) -> OwnedHeaders {
         (header::MESSAGE_ID, Some(message.id())),
         (header::CORRELATION_ID, message.correlation_id()),
         (header::TRACEPARENT, message.traceparent()),
+        (header::CONTENT_TYPE, message.content_type()),
     ];
     let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + reserved.len());
     for (key, value) in reserved {
         if let Some(value) = value {
             headers = headers.insert(Header {
                 key,
-                value: Some(value),
+                value: Some(value.as_bytes()),
             });
         }
     }
-    for (key, value) in message.headers() {
+    for (key, value) in message.headers().iter() {
+        let bytes = value.to_wire_bytes();
         headers = headers.insert(Header {
             key,
-            value: Some(value.as_str()),
+            value: bytes.as_deref(),
         });
     }
     headers
 }
 
-/// The message a record carries. Records from other producers (no id
-/// header) get a fresh id; a missing value is an empty payload.
+/// The message a record carries. A missing value is an empty payload.
 pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     let payload = record
         .payload()
         .map(Bytes::copy_from_slice)
         .unwrap_or_default();
-    let text = |v: Option<&[u8]>| {
-        // Header values are strings in our model; a null value reads as "".
-        v.map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default()
-    };
     let mut id = None;
     let mut correlation_id = None;
     let mut traceparent = None;
+    let mut content_type = None;
     let mut user = broker_core::Headers::new();
     if let Some(headers) = record.headers() {
         for h in headers.iter() {
-            match h.key {
+            // A reserved header is ours only once and only as UTF-8;
+            // anything else is the application's, kept as it came.
+            let text = h.value.and_then(|v| std::str::from_utf8(v).ok());
+            let slot = match h.key {
+                header::MESSAGE_ID => Some(&mut id),
+                header::CORRELATION_ID => Some(&mut correlation_id),
+                header::TRACEPARENT => Some(&mut traceparent),
+                header::CONTENT_TYPE => Some(&mut content_type),
+                _ => None,
+            };
+            match (slot, text) {
                 // Borrowed: most ids are kept inline, without a string.
-                header::MESSAGE_ID => {
-                    id = Some(String::from_utf8_lossy(h.value.unwrap_or_default()))
-                }
-                header::CORRELATION_ID => correlation_id = Some(text(h.value)),
-                header::TRACEPARENT => traceparent = Some(text(h.value)),
-                key => {
-                    user.insert(key.to_owned(), text(h.value));
-                }
+                (Some(slot @ None), Some(text)) => *slot = Some(text),
+                _ => user.append(h.key, h.value.map_or(HeaderValue::Null, HeaderValue::from)),
             }
         }
     }
@@ -73,20 +81,27 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
         }
         Timestamp::NotAvailable => None,
     };
-    // Only a foreign record needs a new id or the clock.
-    let mut message = match (id, timestamp) {
-        (Some(id), Some(at)) => Message::restore(&id, payload, at),
-        (Some(id), None) => Message::new(payload).with_id(id),
-        (None, at) => {
-            let fresh = Message::new(payload);
-            match at {
-                Some(at) => fresh.with_timestamp(at),
-                None => fresh,
-            }
+    let foreign_id;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            // The record's place in the log is what stays the same.
+            let place = format!(
+                "{}/{}/{}",
+                record.topic(),
+                record.partition(),
+                record.offset()
+            );
+            foreign_id = derived_id(&[b"kafka", place.as_bytes()]);
+            &foreign_id
         }
     };
+    let mut message = match timestamp {
+        Some(at) => Message::restore(id, payload, at),
+        None => Message::new(payload).with_id(id),
+    };
     if let Some(key) = record.key() {
-        message = message.with_key(String::from_utf8_lossy(key));
+        message = message.with_key(key);
     }
     if let Some(c) = correlation_id {
         message = message.with_correlation_id(c);
@@ -94,7 +109,14 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     if let Some(t) = traceparent {
         message = message.with_traceparent(t);
     }
-    message.with_headers(user)
+    if let Some(c) = content_type {
+        message = message.with_content_type(c);
+    }
+    if user.is_empty() {
+        message
+    } else {
+        message.with_headers(user)
+    }
 }
 
 #[cfg(test)]
@@ -108,7 +130,7 @@ mod tests {
     fn record(message: &Message) -> OwnedMessage {
         OwnedMessage::new(
             Some(message.payload().to_vec()),
-            message.key().map(|k| k.as_bytes().to_vec()),
+            message.key().map(<[u8]>::to_vec),
             "t".into(),
             Timestamp::CreateTime(message.timestamp_millis()),
             0,
@@ -121,8 +143,12 @@ mod tests {
     fn full_message_roundtrips() {
         let sent = Message::new("payload")
             .with_key("k")
-            .with_header("content-type", "application/json")
+            .with_content_type("application/json")
             .with_header("x-empty", "")
+            .with_header("x-null", HeaderValue::Null)
+            .with_header("dup", &[0xff, 0xfe][..])
+            .with_header("a", "first")
+            .with_header("dup", "2")
             .with_correlation_id("corr")
             .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
             .with_timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
@@ -139,11 +165,64 @@ mod tests {
     }
 
     #[test]
-    fn foreign_record_gets_an_id_and_empty_payload() {
-        let r = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 0, None);
-        let m = decode(&r);
-        assert!(!m.id().is_empty());
+    fn foreign_record_gets_a_stable_id_and_empty_payload() {
+        let at = |offset| {
+            OwnedMessage::new(
+                None,
+                None,
+                "t".into(),
+                Timestamp::NotAvailable,
+                0,
+                offset,
+                None,
+            )
+        };
+        let m = decode(&at(7));
+        assert_eq!(m.id().len(), 36);
+        assert_eq!(decode(&at(7)).id(), m.id(), "the same record, the same id");
+        assert_ne!(decode(&at(8)).id(), m.id());
         assert!(m.payload().is_empty());
         assert!(m.headers().is_empty());
+    }
+
+    #[test]
+    fn foreign_bytes_and_reserved_names_are_kept() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "content-type",
+                value: Some(&[0xff][..]),
+            })
+            .insert(Header {
+                key: "h",
+                value: None::<&[u8]>,
+            })
+            .insert(Header {
+                key: "h",
+                value: Some(&b"v"[..]),
+            });
+        let r = OwnedMessage::new(
+            Some(b"p".to_vec()),
+            Some(vec![0xff, 0xfe]),
+            "t".into(),
+            Timestamp::CreateTime(5),
+            0,
+            0,
+            Some(headers),
+        );
+        let m = decode(&r);
+        assert_eq!(m.key(), Some(&[0xff, 0xfe][..]));
+        assert_eq!(m.content_type(), None);
+        let got: Vec<_> = m.headers().iter().map(|(n, v)| (n, v.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                ("content-type", HeaderValue::from(&[0xff][..])),
+                ("h", HeaderValue::Null),
+                ("h", HeaderValue::from("v")),
+            ]
+        );
+        // Written back: the same headers, bytes and nulls included.
+        let again = decode(&record(&m));
+        assert_eq!(again, m);
     }
 }

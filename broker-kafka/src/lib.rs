@@ -380,7 +380,7 @@ impl KafkaBroker {
 
     /// Enqueues one record, waiting while librdkafka's queue is full.
     async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture> {
-        let mut record = FutureRecord::<str, [u8]>::to(topic)
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .payload(&message.payload()[..])
             .headers(codec::encode_headers(message))
             .timestamp(message.timestamp_millis());

@@ -186,9 +186,13 @@ async fn dead_letters_carry_partition_and_offset() {
         .expect("delivery");
     let headers = letter.message().headers();
     let partition: i32 = headers[header::DLQ_PARTITION]
+        .to_text()
         .parse()
         .expect("partition number");
-    let offset: i64 = headers[header::DLQ_OFFSET].parse().expect("offset number");
+    let offset: i64 = headers[header::DLQ_OFFSET]
+        .to_text()
+        .parse()
+        .expect("offset number");
     assert!((0..3).contains(&partition), "{headers:?}");
     assert_eq!(offset, 0, "the first record of its partition: {headers:?}");
     letter.ack().await.expect("ack");

@@ -64,7 +64,7 @@ async fn amqps_roundtrip_with_a_trusted_private_ca() {
         .expect("delivery");
     assert_eq!(got.message().id(), sent.id());
     assert_eq!(got.message().payload(), sent.payload());
-    assert_eq!(got.message().key(), Some("k"));
+    assert_eq!(got.message().key_str(), Some("k"));
     assert_eq!(got.message().headers()["h"], "v");
     got.ack().await.expect("ack");
     stream.close().await.expect("close");

@@ -161,14 +161,28 @@ where
     })
 }
 
-/// One message as a JSON line.
+/// One message as a JSON line. Keys, header values and payloads are shown as
+/// text (bytes that are not UTF-8 replaced); a header name that repeats maps
+/// to the list of its values.
 pub fn json_line(received: &Received) -> String {
     let m = &received.message;
+    let mut headers = serde_json::Map::new();
+    for (name, value) in m.headers().iter() {
+        let text = serde_json::Value::from(value.to_text());
+        match headers.get_mut(name) {
+            None => {
+                headers.insert(name.to_owned(), text);
+            }
+            Some(serde_json::Value::Array(values)) => values.push(text),
+            Some(first) => *first = serde_json::Value::Array(vec![first.take(), text]),
+        }
+    }
     serde_json::json!({
         "topic": &*received.topic,
         "id": m.id(),
-        "key": m.key(),
-        "headers": m.headers(),
+        "key": m.key().map(String::from_utf8_lossy),
+        "content_type": m.content_type(),
+        "headers": headers,
         "payload": String::from_utf8_lossy(m.payload()),
         "timestamp_ms": m.timestamp_millis(),
         "redelivered": received.redelivered,

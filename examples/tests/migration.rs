@@ -42,9 +42,11 @@ impl Handled {
     fn record(&self, r: &Received, on_kafka: bool) {
         let m = &r.message;
         // What the publisher set must arrive unchanged, also through the bridge.
-        let seq = m.headers().get("seq").cloned().unwrap_or_default();
+        let seq = m.headers().get_str("seq").unwrap_or_default().to_owned();
         let expected_key = seq.parse::<usize>().map(|s| format!("k{}", s % 8)).ok();
-        if expected_key.as_deref() != m.key() || m.payload() != format!("event {seq}").as_bytes() {
+        if expected_key.as_deref() != m.key_str()
+            || m.payload() != format!("event {seq}").as_bytes()
+        {
             self.altered.lock().unwrap().push(format!("{m:?}"));
         }
         *self

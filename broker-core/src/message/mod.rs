@@ -1,6 +1,7 @@
-//! The message model shared by every backend.
+//! The message model shared by every backend: exact for what the brokers
+//! carry (key and header values as bytes, headers in order with duplicates,
+//! typed AMQP values and properties kept), with text accessors on top.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,8 +12,11 @@ use uuid::Uuid;
 use crate::error::{BrokerError, Result};
 use crate::topic::validate_topic;
 
-/// String headers of a message. Ordered so that output is deterministic.
-pub type Headers = BTreeMap<String, String>;
+mod amqp;
+mod headers;
+
+pub use amqp::{AmqpProperties, AmqpValue};
+pub use headers::{HeaderValue, Headers};
 
 /// Header names the library reserves on the wire. Backends that have no
 /// native property for a field (Kafka) carry it in these headers.
@@ -23,6 +27,8 @@ pub mod header {
     pub const CORRELATION_ID: &str = "correlation-id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// The content type on Kafka (RabbitMQ has the `content_type` property).
+    pub const CONTENT_TYPE: &str = "content-type";
     /// Creation time in milliseconds since the Unix epoch.
     pub const TIMESTAMP: &str = "timestamp-ms";
     /// Why a message was dead-lettered.
@@ -51,8 +57,13 @@ pub mod header {
 ///     .with_key("user-42")
 ///     .with_header("source", "quickstart")
 ///     .with_correlation_id("req-7");
-/// assert_eq!(msg.key(), Some("user-42"));
+/// assert_eq!(msg.key_str(), Some("user-42"));
 /// assert_eq!(msg.headers()["source"], "quickstart");
+///
+/// // Keys and header values are bytes; nothing is changed on the way.
+/// let raw = Message::new("x").with_key(&[0xff, 0xfe][..]).with_header("h", &[0xff][..]);
+/// assert_eq!(raw.key(), Some(&[0xff, 0xfe][..]));
+/// assert_eq!(raw.key_str(), None);
 /// ```
 // Shared fields: a message is cloned for every group, retry and dead
 // letter, and a clone is one reference count, not a copy of its strings.
@@ -65,11 +76,13 @@ pub struct Message {
 struct Fields {
     id: Id,
     payload: Bytes,
-    key: Option<String>,
+    key: Option<Bytes>,
     headers: Headers,
     timestamp: SystemTime,
     correlation_id: Option<String>,
     traceparent: Option<String>,
+    content_type: Option<String>,
+    amqp: Option<Box<AmqpProperties>>,
 }
 
 /// A message id. Nearly every id is a hyphenated UUID, 36 ASCII bytes:
@@ -145,6 +158,8 @@ impl Message {
             timestamp,
             correlation_id: None,
             traceparent: None,
+            content_type: None,
+            amqp: None,
         })
     }
 
@@ -158,6 +173,8 @@ impl Message {
             timestamp: now_millis(),
             correlation_id: None,
             traceparent: None,
+            content_type: None,
+            amqp: None,
         })
     }
 
@@ -166,14 +183,15 @@ impl Message {
         self.fields_mut().id = id.into().into();
         self
     }
-    /// Sets the key: partition key on Kafka, ordering key everywhere.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.fields_mut().key = Some(key.into());
+    /// Sets the key (any bytes): partition key on Kafka, ordering key everywhere.
+    pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.fields_mut().key = Some(Bytes::copy_from_slice(key.as_ref()));
         self
     }
-    /// Adds a header.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.fields_mut().headers.insert(name.into(), value.into());
+    /// Adds a header after the others (a header of the same name is kept:
+    /// use [`Headers::insert`] through [`Message::headers_mut`] to replace).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.fields_mut().headers.append(name, value);
         self
     }
     /// Replaces all headers.
@@ -194,6 +212,19 @@ impl Message {
     /// Sets the W3C `traceparent`.
     pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
         self.fields_mut().traceparent = Some(traceparent.into());
+        self
+    }
+    /// Sets the content type (MIME type of the payload, e.g.
+    /// `application/json`): the AMQP `content_type` property on RabbitMQ,
+    /// the `content-type` header on Kafka.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.fields_mut().content_type = Some(content_type.into());
+        self
+    }
+    /// Sets the AMQP properties that have no common field (RabbitMQ only;
+    /// other brokers do not carry them). Empty properties are none.
+    pub fn with_amqp(mut self, properties: AmqpProperties) -> Self {
+        self.fields_mut().amqp = (!properties.is_empty()).then(|| Box::new(properties));
         self
     }
 
@@ -221,9 +252,13 @@ impl Message {
     pub fn payload(&self) -> &Bytes {
         &self.fields.payload
     }
-    /// The key, if any.
-    pub fn key(&self) -> Option<&str> {
+    /// The key's bytes, if any.
+    pub fn key(&self) -> Option<&[u8]> {
         self.fields.key.as_deref()
+    }
+    /// The key as text: `None` when there is no key or it is not UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key().and_then(|k| std::str::from_utf8(k).ok())
     }
     /// The headers.
     pub fn headers(&self) -> &Headers {
@@ -249,18 +284,26 @@ impl Message {
     pub fn traceparent(&self) -> Option<&str> {
         self.fields.traceparent.as_deref()
     }
+    /// The content type, if any.
+    pub fn content_type(&self) -> Option<&str> {
+        self.fields.content_type.as_deref()
+    }
+    /// The AMQP properties kept from RabbitMQ, if any.
+    pub fn amqp(&self) -> Option<&AmqpProperties> {
+        self.fields.amqp.as_deref()
+    }
+    /// Mutable AMQP properties (made empty when there are none).
+    pub fn amqp_mut(&mut self) -> &mut AmqpProperties {
+        self.fields_mut().amqp.get_or_insert_with(Default::default)
+    }
 
     /// Size counted against a backend's message limit: payload, key and headers.
     pub fn encoded_len(&self) -> usize {
         self.fields.payload.len()
-            + self.fields.key.as_ref().map_or(0, String::len)
-            + self
-                .fields
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+            + self.fields.key.as_ref().map_or(0, Bytes::len)
+            + self.fields.headers.encoded_len()
             + self.id().len()
+            + self.fields.content_type.as_ref().map_or(0, String::len)
             + self.fields.correlation_id.as_ref().map_or(0, String::len)
             + self.fields.traceparent.as_ref().map_or(0, String::len)
     }
@@ -285,8 +328,24 @@ impl fmt::Debug for Message {
             .field("timestamp_ms", &self.timestamp_millis())
             .field("correlation_id", &self.fields.correlation_id)
             .field("traceparent", &self.fields.traceparent)
+            .field("content_type", &self.fields.content_type)
+            .field("amqp", &self.fields.amqp)
             .finish()
     }
+}
+
+/// A UUID derived from `parts` (UUID v5): the same parts give the same id.
+/// Backends use it for messages from other producers that carry no id, so
+/// the id stays the same on every redelivery (Kafka: topic, partition and
+/// offset; RabbitMQ: the message's content, see the README).
+pub fn derived_id(parts: &[&[u8]]) -> String {
+    let mut name = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    for part in parts {
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        name.extend_from_slice(part);
+    }
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, &name).to_string()
 }
 
 /// Checks what every backend refuses before sending: a bad topic name or a
