@@ -120,6 +120,13 @@ if wants kafka; then
     echo "kafka: using KAFKA_BROKERS=$KAFKA_BROKERS (tansu not started)"
   fi
 fi
+# Independent Python clients (pika, confluent-kafka) for the interop tests.
+if wants kafka || wants rabbitmq; then
+  interop_env=$(bash scripts/ensure-interop-venv.sh)
+  echo "$interop_env"
+  INTEROP_PYTHON=$(sed -n 's/^INTEROP_PYTHON=//p' <<<"$interop_env")
+  export INTEROP_PYTHON
+fi
 
 # --- checks --------------------------------------------------------------------------
 if [[ -z ${SKIP_LINT:-} ]]; then
