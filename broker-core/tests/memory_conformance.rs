@@ -19,6 +19,7 @@ impl TestBackend for Memory {
             max_message_bytes: 1024 * 1024,
             receive_timeout: Duration::from_secs(5),
             quiet_period: Duration::from_millis(200),
+            keeps_amqp: true,
         }
     }
     async fn publisher(&self) -> Arc<dyn Publisher> {

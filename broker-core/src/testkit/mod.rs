@@ -44,6 +44,10 @@ pub struct Capabilities {
     pub receive_timeout: Duration,
     /// How long to watch for a message that must not come.
     pub quiet_period: Duration,
+    /// The backend carries typed AMQP header values and AMQP properties
+    /// (RabbitMQ; memory keeps messages as they are). Without, typed values
+    /// arrive as their text and AMQP properties are not carried.
+    pub keeps_amqp: bool,
 }
 
 /// A backend under test.

@@ -84,6 +84,7 @@ impl TestBackend for Kafka {
             // Group joins take seconds (about 5 s on tansu).
             receive_timeout: Duration::from_secs(45),
             quiet_period: Duration::from_secs(3),
+            keeps_amqp: false,
         }
     }
     async fn publisher(&self) -> Arc<dyn Publisher> {

@@ -57,6 +57,7 @@ impl TestBackend for Rabbit {
             max_message_bytes: MAX_MESSAGE_BYTES,
             receive_timeout: Duration::from_secs(10),
             quiet_period: Duration::from_millis(500),
+            keeps_amqp: true,
         }
     }
     async fn publisher(&self) -> Arc<dyn Publisher> {
