@@ -22,7 +22,7 @@ pub async fn roundtrip_keeps_payload_key_and_headers(b: &dyn TestBackend) {
     let mut stream = subscribe(b, &topic, &unique("g")).await;
     let full = Message::new(&b"{\"amount\":42}"[..])
         .with_key("customer-7")
-        .with_header("content-type", "application/json")
+        .with_content_type("application/json")
         .with_header("x-unicode", "caf\u{e9} \u{2713}")
         .with_header("x-empty", "")
         .with_correlation_id("req-123")

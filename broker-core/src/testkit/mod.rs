@@ -20,12 +20,15 @@ use async_trait::async_trait;
 
 use crate::consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 mod checks;
+mod model;
+mod scale;
 
 pub use checks::*;
+pub use model::*;
+pub use scale::*;
 
 use crate::{
-    Backoff, Delivery, DeliveryStream, Message, Publisher, Received,
-    Subscriber, Subscription,
+    Backoff, Delivery, DeliveryStream, Message, Publisher, Received, Subscriber, Subscription,
 };
 
 /// What a backend can do; checks that need more are skipped (with a line
@@ -103,6 +106,12 @@ macro_rules! conformance_tests {
             oversized_message_rejected,
             invalid_topic_rejected,
             health_is_reported,
+            bytes_and_repeated_headers_arrive_exactly,
+            typed_headers_and_properties_arrive_as_mapped,
+            dead_letter_and_replay_keep_the_message,
+            fifty_members_share_five_thousand,
+            twenty_topics_with_the_same_ids,
+            prefetch_bounds_unacked_deliveries,
         );
     };
     (@each $name:expr, $backend:expr; $($check:ident),* $(,)?) => {
@@ -291,4 +300,3 @@ pub(crate) async fn stop(handle: ConsumerHandle) {
         .await
         .unwrap_or_else(|e| panic!("consumer shutdown: {e}"));
 }
-
