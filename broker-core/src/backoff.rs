@@ -7,8 +7,10 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 /// Exponential backoff: `initial_delay`, multiplied by `multiplier` after each
-/// attempt, capped at `max_delay`, with random jitter, for at most
-/// `max_attempts` attempts in total (the first one included).
+/// attempt, capped at `max_delay` (jitter included), for at most
+/// `max_attempts` attempts in total (the first one included) and, with
+/// [`Backoff::within`], for at most a total time measured from the first
+/// attempt.
 ///
 /// ```
 /// use std::time::Duration;
@@ -27,6 +29,7 @@ pub struct Backoff {
     max_delay: Duration,
     multiplier: f32,
     jitter: bool,
+    limit: Option<Duration>,
 }
 
 impl Backoff {
@@ -38,11 +41,14 @@ impl Backoff {
             max_delay: Duration::from_secs(10),
             multiplier: 2.0,
             jitter: true,
+            limit: None,
         }
     }
 
-    /// Reconnects: 10 attempts, 100 ms doubling up to 5 s, with jitter
-    /// (about 20 s before a backend reports the broker unavailable).
+    /// Reconnects: 10 attempts, 100 ms doubling up to 5 s, with jitter, and
+    /// 30 s in all from the first attempt: a backend reports the broker
+    /// unavailable after at most 30 s, whether its port refuses connections
+    /// or stays silent (backends cut each attempt at the time left).
     pub fn reconnect_default() -> Self {
         Backoff {
             max_attempts: Some(10),
@@ -50,6 +56,7 @@ impl Backoff {
             max_delay: Duration::from_secs(5),
             multiplier: 2.0,
             jitter: true,
+            limit: Some(Duration::from_secs(30)),
         }
     }
 
@@ -83,6 +90,27 @@ impl Backoff {
         self.multiplier = multiplier.max(1.0);
         self
     }
+    /// Gives up once `limit` has passed since the first attempt began: no
+    /// wait that would end past it is started, and [`Backoff::time_left`]
+    /// tells an attempt how long it may take.
+    pub fn within(mut self, limit: Duration) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+    /// No total time limit (attempts and delays alone bound the retries).
+    pub fn without_limit(mut self) -> Self {
+        self.limit = None;
+        self
+    }
+    /// The total time limit, if any.
+    pub fn limit(&self) -> Option<Duration> {
+        self.limit
+    }
+    /// Time left of the limit for retries that began at `started`; `None`
+    /// without a limit. Backends cut each attempt's own timeout to it.
+    pub fn time_left(&self, started: tokio::time::Instant) -> Option<Duration> {
+        self.limit.map(|l| l.saturating_sub(started.elapsed()))
+    }
     /// Exact delays, for tests and for reasoning about timing.
     pub fn without_jitter(mut self) -> Self {
         self.jitter = false;
@@ -107,11 +135,14 @@ impl Backoff {
         if self.jitter {
             builder = builder.with_jitter();
         }
-        builder.build()
+        // backon's jitter adds up to one more delay: the cap holds anyway.
+        let cap = self.max_delay;
+        builder.build().map(move |d| d.min(cap))
     }
 
     /// Runs `op` until it succeeds, `retryable` says an error is final, or
-    /// the attempts run out; returns the last error with the attempt count.
+    /// the attempts or the time limit run out; returns the last error with
+    /// the attempt count.
     ///
     /// Backends use this for connecting:
     /// ```
@@ -136,11 +167,15 @@ impl Backoff {
     {
         let mut delays = self.delays();
         let mut attempt = 1;
+        let started = tokio::time::Instant::now();
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => match delays.next() {
-                    Some(delay) if retryable(&e) => {
+                    Some(delay)
+                        if retryable(&e)
+                            && self.time_left(started).is_none_or(|left| delay < left) =>
+                    {
                         tracing::warn!(attempt, ?delay, error = %e, "attempt failed; retrying");
                         tokio::time::sleep(delay).await;
                         attempt += 1;
@@ -178,6 +213,26 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn jitter_never_passes_the_cap() {
+        let policy = Backoff::reconnect_default().max_attempts(200);
+        assert!(policy.delays().all(|d| d <= Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_the_time_limit() {
+        let started = tokio::time::Instant::now();
+        let policy = Backoff::reconnect_default()
+            .max_attempts(1000)
+            .within(Duration::from_secs(3))
+            .without_jitter();
+        let r: Result<(), (&str, u32)> = policy.retry(|| async { Err("down") }, |_| true).await;
+        let (_, attempts) = r.unwrap_err();
+        // 100 + 200 + 400 + 800 ms = 1.5 s; the next wait (1.6 s) would pass 3 s.
+        assert_eq!(attempts, 5);
+        assert!(started.elapsed() <= Duration::from_secs(3));
     }
 
     #[test]

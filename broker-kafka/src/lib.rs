@@ -333,30 +333,38 @@ impl KafkaBroker {
     }
 
     async fn create_with_retry(&self, topics: &[&str], spec: &TopicSpec) -> Result<()> {
-        let timeout = self.inner.options.request_timeout;
-        self.inner
-            .options
-            .reconnect
+        let policy = &self.inner.options.reconnect;
+        let started = tokio::time::Instant::now();
+        let request_timeout = self.inner.options.request_timeout;
+        policy
             .retry(
                 || {
+                    let timeout = policy
+                        .time_left(started)
+                        .map_or(request_timeout, |left| left.min(request_timeout));
                     admin::create_topics(
                         &self.inner.admin,
                         &self.inner.producer,
                         topics,
                         spec,
-                        timeout,
+                        timeout.max(Duration::from_millis(1)),
                     )
                 },
                 BrokerError::is_transient,
             )
             .await
-            .map_err(|(e, attempts)| unavailable(e, attempts))
+            .map_err(|(e, attempts)| unavailable(e, attempts, &self.inner.settings.brokers))
     }
 
     /// One metadata round trip.
     async fn metadata_round_trip(&self) -> Result<usize> {
+        self.metadata_round_trip_within(self.inner.options.request_timeout)
+            .await
+    }
+
+    /// One metadata round trip that waits at most `timeout`.
+    async fn metadata_round_trip_within(&self, timeout: Duration) -> Result<usize> {
         let producer = self.inner.producer.clone();
-        let timeout = self.inner.options.request_timeout;
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -368,14 +376,30 @@ impl KafkaBroker {
         .map_err(|e| BrokerError::backend(BACKEND, e))
     }
 
+    /// Retries a metadata round trip with the reconnect policy. Each attempt
+    /// is cut to the policy's time left, so the whole wait stays within the
+    /// policy's limit (30 s by default) however the broker fails to answer;
+    /// the error names the bootstrap servers.
     async fn wait_reachable(&self) -> Result<()> {
-        self.inner
-            .options
-            .reconnect
-            .retry(|| self.metadata_round_trip(), BrokerError::is_transient)
+        let policy = &self.inner.options.reconnect;
+        let started = tokio::time::Instant::now();
+        let request_timeout = self.inner.options.request_timeout;
+        policy
+            .retry(
+                || {
+                    let timeout = policy
+                        .time_left(started)
+                        .map_or(request_timeout, |left| left.min(request_timeout));
+                    self.metadata_round_trip_within(timeout.max(Duration::from_millis(1)))
+                },
+                BrokerError::is_transient,
+            )
             .await
             .map(|_| ())
-            .map_err(|(e, attempts)| unavailable(e, attempts))
+            .map_err(|(e, attempts)| {
+                let servers = self.inner.settings.brokers.clone();
+                unavailable(e, attempts, &servers)
+            })
     }
 
     /// Enqueues one record, waiting while librdkafka's queue is full.
@@ -442,15 +466,28 @@ impl KafkaBroker {
     }
 }
 
-fn unavailable(e: BrokerError, attempts: u32) -> BrokerError {
+fn unavailable(e: BrokerError, attempts: u32, servers: &str) -> BrokerError {
     match e {
         e if e.is_transient() => BrokerError::Unavailable {
             backend: BACKEND,
             attempts: attempts as usize,
-            source: Box::new(e),
+            source: Box::new(AtServers {
+                servers: servers.to_owned(),
+                source: e,
+            }),
         },
         e => e,
     }
+}
+
+/// The last error of a failed connect, with the servers it was for
+/// (bootstrap servers carry no credentials).
+#[derive(Debug, thiserror::Error)]
+#[error("bootstrap servers {servers}: {source}")]
+struct AtServers {
+    servers: String,
+    #[source]
+    source: BrokerError,
 }
 
 #[async_trait]
