@@ -194,3 +194,44 @@ async fn bad_settings_are_config_errors() {
     let settings = KafkaSettings::new("h:1").set("sasl.password", "s3cret-pw");
     assert!(!format!("{settings:?}").contains("s3cret-pw"));
 }
+
+/// During an outage a publish returns within `message.timeout.ms` plus one
+/// second, single and batched, with a transient `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_during_an_outage_returns_within_its_timeout() {
+    stderr_log::init();
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("mock.outage");
+    mock.create_topic(&topic, 1, 1).expect("create topic");
+    let broker = mock_broker(mock.bootstrap_servers())
+        .set("message.timeout.ms", "2500")
+        .connect()
+        .await
+        .expect("connect to the mock cluster");
+    broker
+        .publish(&topic, Message::new("before"))
+        .await
+        .expect("publish while up");
+    mock.broker_down(1).expect("broker down");
+    let bound = Duration::from_millis(2500 + 1000);
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let err = broker
+            .publish(&topic, Message::new(format!("during {round}")))
+            .await
+            .expect_err("the only broker is down");
+        let elapsed = started.elapsed();
+        assert!(elapsed <= bound, "publish {round} took {elapsed:?}");
+        assert!(matches!(err, BrokerError::Timeout { .. }), "{err:?}");
+        assert!(err.is_transient());
+    }
+    let started = std::time::Instant::now();
+    let batch = (0..10).map(|i| Message::new(format!("b{i}"))).collect();
+    let err = broker
+        .publish_batch(&topic, batch)
+        .await
+        .expect_err("the only broker is down");
+    assert!(started.elapsed() <= bound, "batch took {:?}", started.elapsed());
+    assert!(err.is_transient(), "{err:?}");
+    mock.broker_up(1).expect("broker up");
+}
