@@ -60,14 +60,17 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn spawn(script_name: &str, command: &str) -> Child {
+/// `stderr`: piped for a run whose output is collected at the end; inherited
+/// for a long-lived reader (nothing drains a pipe while it runs, and a full
+/// one would stall it), so its messages appear in the test's output.
+fn spawn(script_name: &str, command: &str, stderr: Stdio) -> Child {
     let python = python();
     Command::new(&python)
         .arg(script(script_name))
         .arg(command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("start {} {script_name}: {e}", python.display()))
@@ -84,7 +87,7 @@ async fn send_request(child: &mut Child, request: &Value) {
 
 /// Runs `script command` with `request` on stdin; its last stdout line, as JSON.
 pub async fn run(script_name: &str, command: &str, request: &Value, timeout: Duration) -> Value {
-    let mut child = spawn(script_name, command);
+    let mut child = spawn(script_name, command, Stdio::piped());
     send_request(&mut child, request).await;
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => out.unwrap_or_else(|e| panic!("{script_name} {command}: {e}")),
@@ -117,7 +120,7 @@ impl Reader {
     pub async fn start(script_name: &str, request: Value, what: &str) -> Reader {
         let timeout = Duration::from_secs_f64(request["timeout_s"].as_f64().expect("timeout_s"))
             + Duration::from_secs(20);
-        let mut child = spawn(script_name, "read");
+        let mut child = spawn(script_name, "read", Stdio::inherit());
         send_request(&mut child, &request).await;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut reader = Reader {
@@ -136,12 +139,7 @@ impl Reader {
         let line = match tokio::time::timeout(self.timeout, self.lines.next_line()).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) => {
-                let mut stderr = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = e.read_to_string(&mut stderr).await;
-                }
-                panic!("{what}: the python reader ended without answering:\n{stderr}")
+                panic!("{what}: the python reader ended without answering (its stderr is above)")
             }
             Ok(Err(e)) => panic!("{what}: reading the python reader: {e}"),
             Err(_) => panic!(
