@@ -12,6 +12,9 @@
 //! | `KAFKA_<NAME>` | any other librdkafka setting: `KAFKA_SECURITY_PROTOCOL` → `security.protocol` |
 //! | `RABBITMQ_ENABLED` | enables RabbitMQ (default: enabled iff `RABBITMQ_URL` is set) |
 //! | `RABBITMQ_URL` | `amqp://user:password@host:5672/vhost` or `amqps://...` |
+//! | `RABBITMQ_REQUIRED_GROUPS` | `topic=group,group;topic=group`: groups whose queues publishers declare ([`RequiredGroups`]) |
+//! | `RABBITMQ_QUEUE_EXPIRY_MS` | queues RabbitMQ deletes after this long without consumers (default: never) |
+//! | `RABBITMQ_ALTERNATE_EXCHANGE` | exchange for messages no queue is bound for (default: none) |
 //! | `BROKER_ROUTE_<MODULE>` | `kafka`, `rabbitmq`, `memory` or `kafka+rabbitmq` |
 //!
 //! Credentials never appear in `Debug` or `Display` output of these types.
@@ -19,6 +22,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+
+mod rabbitmq;
+
+pub use rabbitmq::{ParseRequiredGroupsError, RabbitMqSettings, RequiredGroups};
 
 const KAFKA_ENABLED: &str = "KAFKA_ENABLED";
 const KAFKA_BROKERS: &str = "KAFKA_BROKERS";
@@ -241,27 +248,6 @@ impl fmt::Debug for KafkaSettings {
             .field("client_id", &self.client_id)
             .field("properties", &Properties(&self.properties))
             .finish()
-    }
-}
-
-/// How to reach RabbitMQ.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RabbitMqSettings {
-    url: SecretUrl,
-}
-
-impl RabbitMqSettings {
-    /// Settings for an `amqp://` or `amqps://` URL (checked when the
-    /// [`BrokerConfig`] is built).
-    pub fn new(url: impl Into<String>) -> Self {
-        RabbitMqSettings {
-            url: SecretUrl::new(url),
-        }
-    }
-
-    /// The connection URL.
-    pub fn url(&self) -> &SecretUrl {
-        &self.url
     }
 }
 
@@ -519,7 +505,7 @@ impl BrokerConfig {
                 reason: "required when RABBITMQ_ENABLED=true (e.g. amqp://user:password@host:5672/vhost)"
                     .to_owned(),
             })?;
-            builder = builder.rabbitmq(RabbitMqSettings::new(url));
+            builder = builder.rabbitmq(RabbitMqSettings::from_vars(url, get)?);
         }
 
         for (var, value) in &vars {
@@ -568,7 +554,8 @@ impl BrokerConfig {
             check_brokers(&kafka.brokers).map_err(|reason| invalid(KAFKA_BROKERS, &reason))?;
         }
         if let Some(rabbitmq) = &self.rabbitmq {
-            let url = &rabbitmq.url;
+            rabbitmq.validate()?;
+            let url = rabbitmq.url();
             if !url
                 .scheme()
                 .is_some_and(|s| s.eq_ignore_ascii_case("amqp") || s.eq_ignore_ascii_case("amqps"))
@@ -616,7 +603,12 @@ impl fmt::Display for BrokerConfig {
             None => writeln!(f, "kafka: disabled")?,
         }
         match &self.rabbitmq {
-            Some(rabbitmq) => writeln!(f, "rabbitmq: enabled, url={}", rabbitmq.url)?,
+            Some(rabbitmq) => writeln!(
+                f,
+                "rabbitmq: enabled, url={}{}",
+                rabbitmq.url(),
+                rabbitmq.extras()
+            )?,
             None => writeln!(f, "rabbitmq: disabled")?,
         }
         write!(f, "default route: {}", self.default_route())?;

@@ -460,10 +460,17 @@ pub fn dead_letter_message(received: &Received, error: &HandlerError, group: &st
 }
 
 /// Acks and nacks that fail are logged, not fatal: the broker redelivers
-/// what was not acked, which at-least-once allows.
+/// what was not acked, which at-least-once allows. A delivery whose
+/// subscription or channel already closed ([`BrokerError::Closed`]) was
+/// handed back by the broker already: expected around shutdown and
+/// reconnects, so only a debug line.
 async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
-    if let Err(e) = op.await {
-        tracing::warn!(error = %e, "{what} failed; the message may be redelivered");
+    match op.await {
+        Ok(()) => {}
+        Err(e @ BrokerError::Closed(_)) => {
+            tracing::debug!(error = %e, "{what} after the subscription closed; the message will be redelivered");
+        }
+        Err(e) => tracing::warn!(error = %e, "{what} failed; the message may be redelivered"),
     }
 }
 

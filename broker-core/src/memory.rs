@@ -6,8 +6,11 @@
 //! unacknowledged until acked, and is redelivered after a nack with requeue
 //! or when its subscription closes. Like Kafka with
 //! `auto.offset.reset=earliest`, a new group starts with the messages the
-//! topic retained (the last [`MemoryBrokerBuilder::retention`] ones).
-//! Nothing survives the process.
+//! topic retained (the last [`MemoryBrokerBuilder::retention`] ones), so
+//! required groups need no set-up here. Acking or nacking a delivery after
+//! its subscription closed fails with [`BrokerError::Closed`] (the message
+//! was already handed back), as on the other backends. Nothing survives the
+//! process.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -390,6 +393,7 @@ impl Subscriber for MemoryBroker {
             topic: subscription.topic.into(),
             id,
             taken: VecDeque::new(),
+            closed: Arc::default(),
         }))
     }
 
@@ -405,6 +409,8 @@ struct MemoryStream {
     /// Messages taken from this member's inbox, not yet returned by `next`
     /// (still held by the member: its removal requeues them).
     taken: VecDeque<(u64, Pending)>,
+    /// Set when the stream goes: its deliveries can no longer be settled.
+    closed: Arc<AtomicBool>,
 }
 
 impl MemoryStream {
@@ -439,6 +445,7 @@ impl MemoryStream {
             Box::new(MemoryAcker {
                 queue: self.queue.clone(),
                 tag,
+                closed: self.closed.clone(),
             }),
         ))
     }
@@ -471,6 +478,7 @@ impl DeliveryStream for MemoryStream {
 
 impl Drop for MemoryStream {
     fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
         self.queue.update(|q| q.remove_member(self.id));
     }
 }
@@ -478,15 +486,27 @@ impl Drop for MemoryStream {
 struct MemoryAcker {
     queue: Arc<GroupQueue>,
     tag: u64,
+    closed: Arc<AtomicBool>,
+}
+
+impl MemoryAcker {
+    fn check_open(&self) -> Result<()> {
+        match self.closed.load(Ordering::Acquire) {
+            true => Err(BrokerError::Closed("memory subscription")),
+            false => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
+        self.check_open()?;
         self.queue.state.update(self.tag);
         Ok(())
     }
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        self.check_open()?;
         self.queue.update(|q| {
             q.release(self.tag, requeue)?;
             q.dispatch();

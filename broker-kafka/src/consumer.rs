@@ -19,7 +19,7 @@
 //! partition.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ struct Shared {
     assigned: watch::Sender<bool>,
     /// Assignments so far: the driver re-pauses after one.
     assignments: AtomicU64,
+    /// Set when the stream closes or goes: acks and nacks then fail with
+    /// `Closed`, as on every backend (the records are read again by the group).
+    closed: AtomicBool,
 }
 
 struct State {
@@ -311,6 +314,7 @@ pub(crate) async fn open(
         ready: Notify::new(),
         room,
         assigned,
+        closed: AtomicBool::new(false),
         assignments: AtomicU64::new(0),
     });
     let mut config = client_config(settings, Role::Consumer);
@@ -615,6 +619,7 @@ impl DeliveryStream for KafkaStream {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
+        self.shared.closed.store(true, Ordering::Release);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -640,6 +645,7 @@ impl Drop for KafkaStream {
     fn drop(&mut self) {
         // Without `close`: dropping `stop` ends the driver; the client goes
         // when the last handle does.
+        self.shared.closed.store(true, Ordering::Release);
         self.release();
     }
 }
@@ -683,6 +689,13 @@ struct KafkaAcker {
 }
 
 impl KafkaAcker {
+    fn check_open(&self) -> Result<()> {
+        match self.shared.closed.load(Ordering::Acquire) {
+            true => Err(BrokerError::Closed("kafka subscription")),
+            false => Ok(()),
+        }
+    }
+
     fn finish(&self) {
         let Record {
             partition, offset, ..
@@ -694,11 +707,13 @@ impl KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
+        self.check_open()?;
         self.finish();
         Ok(())
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        self.check_open()?;
         if !requeue {
             // Dropped from the group: same as finished for the offsets.
             self.finish();

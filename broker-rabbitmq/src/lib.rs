@@ -11,26 +11,54 @@
 //!   `{topic}:{group}` and bound with the topic as binding key, so every group
 //!   gets every message and members of a group share them.
 //! - Dead letters: subscribing to a topic also declares the durable queue
-//!   `{topic}.dlq`, bound with the key `{topic}.dlq`, so dead letters are kept
-//!   even before anyone consumes them. The runtime publishes dead letters to
-//!   `{topic}.dlq` itself; queues also name the exchange as their
-//!   `x-dead-letter-exchange` (routing key `{topic}.dlq`), so a message
-//!   rejected without requeue lands there too. Subscribing to `{topic}.dlq`
-//!   reads that one queue whatever the group (groups compete for dead
-//!   letters, as operators draining one work queue), so letters kept before
-//!   anyone subscribed are there; no `{topic}.dlq.dlq` is declared.
-//! - Queue type: classic (default) or quorum ([`QueueType`]).
+//!   `{topic}.dlq` (the **dead-letter archive**), bound with the key
+//!   `{topic}.dlq`, so every dead letter is kept from the start, before
+//!   anyone reads them. The runtime publishes dead letters to `{topic}.dlq`
+//!   itself; queues also name the exchange as their `x-dead-letter-exchange`
+//!   (routing key `{topic}.dlq`), so a message rejected without requeue
+//!   lands there too.
+//! - A dead-letter topic is a topic like any other: every group reading
+//!   `{topic}.dlq` gets its own queue `{topic}.dlq:{group}` and its own copy
+//!   of each letter published after the queue was first declared (or
+//!   earlier, for [required groups](RabbitMqBuilder::required_groups)). The
+//!   archive is the queue of one well-known group, [`DEAD_LETTER_GROUP`]
+//!   (`cli-dlq`, the group of the CLI's `dlq list` / `dlq replay`), so the
+//!   tooling sees every letter since the topic's first subscription, as it
+//!   did when every reader shared the archive.
+//! - Queue type: classic (default) or quorum ([`QueueType`]); queue expiry
+//!   ([`RabbitMqBuilder::queue_expiry`], `RABBITMQ_QUEUE_EXPIRY_MS`).
 //!
 //! Declarations are idempotent. A queue that exists with other arguments
 //! (say classic where quorum is asked for) fails the subscription with an
 //! error naming the queue.
 //!
 //! # Publishing
-//! Messages are persistent, published with `mandatory` (a message no queue is
-//! bound for is an error: subscribe before publishing) and confirmed by the
-//! broker before `publish` returns. Confirms are pipelined: concurrent
-//! publishes and batches share one confirm channel and do not wait for each
-//! other's round trips.
+//! Messages are persistent and confirmed by the broker before `publish`
+//! returns. Confirms are pipelined: concurrent publishes and batches share
+//! one confirm channel and do not wait for each other's round trips.
+//!
+//! Publishing to a topic no group has subscribed to succeeds, as on Kafka
+//! and in memory; what happens to the message is the application's choice:
+//! - **Required groups** ([`RabbitMqBuilder::required_groups`],
+//!   `RABBITMQ_REQUIRED_GROUPS`): before its first publish to a topic (on
+//!   each connection), the publisher declares the queues of the topic's
+//!   required groups, so they keep every message until their consumers
+//!   start (Spring Cloud Stream's `requiredGroups`).
+//! - **Alternate exchange** ([`RabbitMqBuilder::alternate_exchange`],
+//!   `RABBITMQ_ALTERNATE_EXCHANGE`): messages no queue is bound for go there,
+//!   and a queue of the same name keeps them.
+//! - Otherwise RabbitMQ drops a message no queue is bound for. The publisher
+//!   notices it (the topic's dead-letter archive, which every subscription
+//!   declares, does not exist), counts it
+//!   ([`RabbitMqBroker::unroutable_count`]) and logs a warning with the
+//!   topic and the count, at most once a minute per topic, never the
+//!   payload.
+//!
+//! Messages are not published with `mandatory`: lapin 4.12 logs every
+//! message RabbitMQ returns at WARN with its payload and headers
+//! (`returned_messages.rs`, `warn!(?message, "Server returned us a message")`,
+//! on its I/O thread, whatever the application's log settings), and
+//! payloads must never reach logs.
 //!
 //! # Reconnection
 //! lapin's own recovery is not used (it can wait forever once its retries run
@@ -70,9 +98,17 @@ mod publish;
 mod subscribe;
 mod topology;
 
+pub use broker_core::config::RequiredGroups;
 pub use codec::KEY_HEADER;
 
 const BACKEND: &str = "rabbitmq";
+
+/// The consumer group whose queue on a dead-letter topic `{topic}.dlq` is
+/// the dead-letter archive: the queue `{topic}.dlq` that every subscription
+/// of `{topic}` declares, so it holds every dead letter from the start.
+/// The CLI's `dlq list` and `dlq replay` read as this group; read as it to
+/// see letters written before your own group first subscribed.
+pub const DEAD_LETTER_GROUP: &str = "cli-dlq";
 
 /// RabbitMQ's queue types this backend declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,6 +141,8 @@ pub struct RabbitMqBuilder {
     confirm_timeout: Duration,
     operation_timeout: Duration,
     queue_expiry: Option<Duration>,
+    required_groups: RequiredGroups,
+    alternate_exchange: Option<String>,
     connection_name: Option<String>,
     tls_ca_pem: Option<String>,
 }
@@ -143,11 +181,63 @@ impl RabbitMqBuilder {
         self.operation_timeout = timeout;
         self
     }
-    /// Declares queues with `x-expires`: RabbitMQ deletes a queue unused for
-    /// this long. Off by default; meant for tests, so that per-run queues do
-    /// not pile up on a shared broker.
+    /// Declares queues with `x-expires`: RabbitMQ deletes a queue, with its
+    /// messages, once it has had no consumer for this long (publishing to
+    /// it does not count; publishers redeclare required groups' queues
+    /// every half expiry, which does). Off by default; meant for tests and
+    /// development brokers, so that per-run queues do not pile up. From the
+    /// environment: `RABBITMQ_QUEUE_EXPIRY_MS`. Every client of a queue must
+    /// use the same value: a queue declared with another one is refused.
     pub fn queue_expiry(mut self, after: Duration) -> Self {
         self.queue_expiry = Some(after);
+        self
+    }
+    /// Groups that must receive every message of `topic`, including those
+    /// published before the group first subscribed: publishers declare
+    /// their queues `{topic}:{group}` (with the dead-letter archive) before
+    /// their first publish to `topic` on each connection, so the queues
+    /// keep the messages until the consumers start (Spring Cloud Stream's
+    /// `requiredGroups`). Call once per topic (groups add up). From the
+    /// environment: `RABBITMQ_REQUIRED_GROUPS=topic=group,group;topic=group`.
+    ///
+    /// Kafka and the memory backend need nothing of the kind: a new group
+    /// reads the topic from its start (or the memory backend's retention).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> broker_core::Result<()> {
+    /// use broker_core::{Message, Publisher};
+    /// let broker = broker_rabbitmq::RabbitMqBroker::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .required_groups("billing.invoices.created", ["billing-ledger", "audit"])
+    ///     .connect()
+    ///     .await?;
+    /// // Kept for both groups, whether or not their consumers ever ran.
+    /// broker.publish("billing.invoices.created", Message::new("{}")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn required_groups<I, G>(mut self, topic: impl Into<String>, groups: I) -> Self
+    where
+        I: IntoIterator<Item = G>,
+        G: Into<String>,
+    {
+        self.required_groups.add(topic, groups);
+        self
+    }
+    /// Sends messages that no queue is bound for to the exchange `name`
+    /// (RabbitMQ's alternate exchange) instead of dropping them: `name` is
+    /// declared as a durable fanout exchange with a durable queue `name`
+    /// that keeps them, and the topic exchange is declared with
+    /// `alternate-exchange = name`. Off by default. From the environment:
+    /// `RABBITMQ_ALTERNATE_EXCHANGE`.
+    ///
+    /// An exchange's arguments never change once declared, so this only
+    /// works with a new exchange (or one first declared with it). For an
+    /// existing exchange declared without it, the declaration is refused
+    /// ([`BrokerError::Refused`] naming the exchange); set the alternate
+    /// exchange there with a policy instead (`rabbitmqctl set_policy AE
+    /// '^broker\.events$' '{"alternate-exchange":"broker.unroutable"}'
+    /// --apply-to exchanges`) and leave this option unset.
+    pub fn alternate_exchange(mut self, name: impl Into<String>) -> Self {
+        self.alternate_exchange = Some(name.into());
         self
     }
     /// Trusts the certificate authority in `pem` (PEM text) for `amqps://`
@@ -193,6 +283,28 @@ impl RabbitMqBuilder {
             })
         })?;
         codec::short("exchange name", &self.exchange)?;
+        if let Some(ae) = &self.alternate_exchange {
+            codec::short("alternate exchange name", ae)?;
+        }
+        self.required_groups.check().map_err(|e| {
+            BrokerError::Config(broker_core::config::ConfigError::Invalid {
+                var: "RABBITMQ_REQUIRED_GROUPS".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        for (topic, groups) in self.required_groups.iter() {
+            for group in groups {
+                codec::short(
+                    "queue name (topic and required group)",
+                    &topology::subscription_queue(topic, group),
+                )?;
+            }
+        }
+        if self.queue_expiry.is_some_and(|d| d.is_zero()) {
+            return Err(BrokerError::Misconfigured(
+                "queue expiry must be above zero",
+            ));
+        }
         Ok(RabbitMqBroker {
             inner: Arc::new(Inner {
                 uri,
@@ -240,7 +352,8 @@ impl RabbitMqBroker {
         Self::builder_from(&RabbitMqSettings::new(url))
     }
 
-    /// Options from the library's configuration ([`broker_core::config::BrokerConfig`]).
+    /// Options from the library's configuration ([`broker_core::config::BrokerConfig`]):
+    /// URL, required groups, queue expiry and alternate exchange.
     pub fn builder_from(settings: &RabbitMqSettings) -> RabbitMqBuilder {
         RabbitMqBuilder {
             url: settings.url().clone(),
@@ -250,7 +363,9 @@ impl RabbitMqBroker {
             max_message_bytes: 16 * 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(15),
-            queue_expiry: None,
+            queue_expiry: settings.queue_expiry(),
+            required_groups: settings.required_groups().clone(),
+            alternate_exchange: settings.alternate_exchange().map(str::to_owned),
             connection_name: None,
             tls_ca_pem: None,
         }
@@ -264,6 +379,26 @@ impl RabbitMqBroker {
     /// The exchange messages are published to.
     pub fn exchange(&self) -> &str {
         &self.inner.options.exchange
+    }
+
+    /// How many messages this broker published that no queue was bound for
+    /// (RabbitMQ dropped them: no group had subscribed to their topic and it
+    /// has no required groups). Not counted with an alternate exchange,
+    /// which keeps them.
+    pub fn unroutable_count(&self) -> u64 {
+        self.inner.publisher.unroutable_total()
+    }
+
+    /// [`RabbitMqBroker::unroutable_count`] for one topic.
+    pub fn unroutable_count_of(&self, topic: &str) -> u64 {
+        self.inner.publisher.unroutable_of(topic)
+    }
+
+    /// The queue that subscriptions of `group` to `topic` read:
+    /// `{topic}:{group}`, or the dead-letter archive `{topic}` for group
+    /// [`DEAD_LETTER_GROUP`] on a dead-letter topic.
+    pub fn queue_name(topic: &str, group: &str) -> String {
+        topology::subscription_queue(topic, group)
     }
 
     /// Closes the connection: subscriptions end, publishing fails. Clones

@@ -4,14 +4,22 @@
 //! steps, so two tasks publishing at once could otherwise get each other's
 //! confirms); confirms are awaited concurrently. A publish not confirmed
 //! because the channel or connection went away is sent again on a new one.
+//!
+//! Before sending to a topic, [`prepare`] makes sure the topic's required
+//! groups have their queues, or finds out (without `mandatory`: see the
+//! crate documentation) whether any queue is bound for it, to count and
+//! report what RabbitMQ drops.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use broker_core::message::check_outgoing;
 use broker_core::{batch_result, BrokerError, Message, Result};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
@@ -21,6 +29,14 @@ use tracing::Instrument;
 use crate::codec::{self, short};
 use crate::{topology, Failure, Inner, BACKEND};
 
+/// How long a topic seen with a bound queue is taken to still have one.
+const BOUND_FOR: Duration = Duration::from_secs(30);
+/// How long a topic seen without one is taken to still have none (bounds
+/// the checks while publishing to it; a subscription of this broker ends it).
+const UNBOUND_FOR: Duration = Duration::from_secs(1);
+/// At most one warning per topic this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// The publishing half of a broker.
 #[derive(Default)]
 pub(crate) struct PublisherState {
@@ -29,26 +45,178 @@ pub(crate) struct PublisherState {
     channel: Mutex<Option<ConfirmChannel>>,
     /// Held while a message is numbered and queued for the wire.
     send: Mutex<()>,
+    /// Confirm channels opened so far: required groups are declared again
+    /// on each (the broker may have restarted or lost them).
+    generation: AtomicU64,
+    /// What is known of each topic's queues.
+    routes: std::sync::Mutex<HashMap<String, TopicRoutes>>,
+    /// The channel passive declarations use (RabbitMQ closes it on a miss).
+    probe: Mutex<Option<Channel>>,
+    unroutable: AtomicU64,
+}
+
+#[derive(Default)]
+struct TopicRoutes {
+    /// Required groups' queues declared: on which confirm channel, when.
+    declared: Option<(u64, Instant)>,
+    /// Last check of the topic's marker queue: found or not, when.
+    checked: Option<(bool, Instant)>,
+    unroutable: u64,
+    /// Unroutable messages not reported yet, and the last report.
+    unreported: u64,
+    warned: Option<Instant>,
 }
 
 #[derive(Clone)]
 struct ConfirmChannel {
     channel: Channel,
     confirms: mpsc::UnboundedSender<Pending>,
+    generation: u64,
 }
 
 /// A sent message waiting for its confirm, for the collector task.
 struct Pending {
     confirm: PublisherConfirm,
-    message_id: Option<String>,
-    topic: String,
     reply: oneshot::Sender<lapin::Result<Outcome>>,
 }
 
 enum Outcome {
     Ack,
     Nack,
-    Unroutable(String),
+}
+
+impl PublisherState {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, TopicRoutes>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn unroutable_total(&self) -> u64 {
+        self.unroutable.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn unroutable_of(&self, topic: &str) -> u64 {
+        self.routes().get(topic).map_or(0, |r| r.unroutable)
+    }
+
+    /// A subscription of this broker declared `topic`'s queues: it is routable.
+    pub(crate) fn bound(&self, topic: &str) {
+        self.routes().entry(topic.to_owned()).or_default().checked = Some((true, Instant::now()));
+    }
+
+    /// Counts `count` messages to `topic` that no queue takes, and warns
+    /// (at most every [`WARN_EVERY`] per topic; never with payloads).
+    fn dropped(&self, topic: &str, count: usize, exchange: &str) {
+        let count = count as u64;
+        self.unroutable.fetch_add(count, Ordering::Relaxed);
+        let mut routes = self.routes();
+        let route = routes.entry(topic.to_owned()).or_default();
+        route.unroutable += count;
+        route.unreported += count;
+        let now = Instant::now();
+        if route
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+        {
+            let messages = std::mem::take(&mut route.unreported);
+            route.warned = Some(now);
+            tracing::warn!(
+                topic,
+                exchange,
+                messages,
+                total = route.unroutable,
+                "published to a topic no queue is bound for: RabbitMQ dropped the messages \
+                 (no consumer group has subscribed yet); declare the groups that must receive \
+                 them as required groups (RABBITMQ_REQUIRED_GROUPS) or set an alternate exchange"
+            );
+        }
+    }
+}
+
+/// Gets `topic` ready for `count` messages on `ch`: declares its required
+/// groups' queues, or checks whether any queue is bound for it and counts
+/// the messages RabbitMQ will drop. A failed check is only logged.
+async fn prepare(
+    inner: &Inner,
+    ch: &ConfirmChannel,
+    topic: &str,
+    count: usize,
+) -> Result<(), Failure> {
+    let state = &inner.publisher;
+    let now = Instant::now();
+    if !inner.options.required_groups.of(topic).is_empty() {
+        // With an expiry, redeclaring renews the queues' lease.
+        let fresh_for = inner
+            .options
+            .queue_expiry
+            .map_or(Duration::MAX, |expiry| expiry / 2);
+        let declared = state.routes().get(topic).and_then(|r| r.declared);
+        if declared.is_some_and(|(generation, at)| {
+            generation == ch.generation && now.duration_since(at) < fresh_for
+        }) {
+            return Ok(());
+        }
+        // On a channel of their own: a refused declaration closes it.
+        let channel = inner.channel().await?;
+        let declared = topology::declare_required_groups(inner, &channel, topic).await;
+        let _ = inner
+            .bounded("channel close", channel.close(200, "declared".into()))
+            .await;
+        declared?;
+        state.routes().entry(topic.to_owned()).or_default().declared = Some((ch.generation, now));
+        return Ok(());
+    }
+    if inner.options.alternate_exchange.is_some() {
+        return Ok(());
+    }
+    let checked = state.routes().get(topic).and_then(|r| r.checked);
+    let bound = match checked {
+        Some((true, at)) if now.duration_since(at) < BOUND_FOR => true,
+        Some((false, at)) if now.duration_since(at) < UNBOUND_FOR => false,
+        _ => match probe(inner, topic).await {
+            Ok(bound) => {
+                state.routes().entry(topic.to_owned()).or_default().checked =
+                    Some((bound, Instant::now()));
+                bound
+            }
+            Err(f) => {
+                tracing::debug!(topic, error = %f, "could not check whether a queue is bound for the topic");
+                true
+            }
+        },
+    };
+    if !bound {
+        state.dropped(topic, count, &inner.options.exchange);
+    }
+    Ok(())
+}
+
+/// Whether some group subscribed to `topic`: its dead-letter archive, which
+/// every subscription declares (also older versions of this library),
+/// exists. Queues bound by other means are not seen.
+async fn probe(inner: &Inner, topic: &str) -> Result<bool, Failure> {
+    let mut slot = inner.publisher.probe.lock().await;
+    let channel = match slot.take() {
+        Some(ch) if ch.status().connected() => ch,
+        _ => inner.channel().await?,
+    };
+    let exists = topology::queue_exists(inner, &channel, &topology::marker_queue(topic)).await;
+    if matches!(exists, Ok(true)) {
+        *slot = Some(channel);
+    }
+    exists
+}
+
+/// One try of a publish: channel, preparation, send, confirm.
+async fn attempt(
+    inner: &Inner,
+    topic: &str,
+    message: &Message,
+    props: BasicProperties,
+) -> Result<(), Failure> {
+    let ch = confirm_channel(inner).await?;
+    prepare(inner, &ch, topic, 1).await?;
+    let confirmed = send(inner, &ch, topic, message, props).await?;
+    confirmed.await
 }
 
 pub(crate) async fn publish(inner: &Inner, topic: &str, message: Message) -> Result<()> {
@@ -60,13 +228,7 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, message: Message) -> Res
     let props = codec::encode(&message)?;
     let span = tracing::debug_span!("publish", topic, message_id = message.id());
     async {
-        let first = match confirm_channel(inner).await {
-            Ok(ch) => match send(inner, &ch, topic, &message, props.clone()).await {
-                Ok(confirmed) => confirmed.await,
-                Err(f) => Err(f),
-            },
-            Err(f) => Err(f),
-        };
+        let first = attempt(inner, topic, &message, props.clone()).await;
         finish(inner, topic, &message, &props, first).await
     }
     .instrument(span)
@@ -88,7 +250,13 @@ pub(crate) async fn publish_batch(
         encoded.push(codec::encode(m)?);
     }
     // Everything goes on the wire in order first; then the confirms are awaited together.
-    let channel = confirm_channel(inner).await;
+    let channel = match confirm_channel(inner).await {
+        Ok(ch) => match prepare(inner, &ch, topic, messages.len()).await {
+            Ok(()) => Ok(ch),
+            Err(f) => Err(f),
+        },
+        Err(f) => Err(f),
+    };
     let mut confirms = Vec::with_capacity(messages.len());
     for (m, props) in messages.iter().zip(&encoded) {
         let sent = match &channel {
@@ -144,13 +312,7 @@ async fn finish(
         tracing::warn!(topic, message_id = message.id(), error = %lost, ?delay, "publish not confirmed; sending again");
         tokio::time::sleep(delay).await;
         attempts += 1;
-        outcome = match confirm_channel(inner).await {
-            Ok(ch) => match send(inner, &ch, topic, message, props.clone()).await {
-                Ok(confirmed) => confirmed.await,
-                Err(f) => Err(f),
-            },
-            Err(f) => Err(f),
-        };
+        outcome = attempt(inner, topic, message, props.clone()).await;
     }
 }
 
@@ -177,6 +339,7 @@ async fn confirm_channel(inner: &Inner) -> Result<ConfirmChannel, Failure> {
     let ch = ConfirmChannel {
         channel,
         confirms: tx,
+        generation: inner.publisher.generation.fetch_add(1, Ordering::Relaxed) + 1,
     };
     *slot = Some(ch.clone());
     Ok(ch)
@@ -193,10 +356,8 @@ async fn send<'a>(
 ) -> Result<impl Future<Output = Result<(), Failure>> + 'a, Failure> {
     let routing_key = short("topic", topic).map_err(Failure::Final)?;
     let exchange = ShortString::from(inner.options.exchange.as_str());
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
+    // Not `mandatory`: lapin would log a returned message with its payload.
+    let options = BasicPublishOptions::default();
     let guard = inner.publisher.send.lock().await;
     let mut publishing = Box::pin(ch.channel.basic_publish(
         exchange,
@@ -215,12 +376,7 @@ async fn send<'a>(
             Poll::Pending => inner.bounded("publish", publishing).await?,
         };
         let (reply, confirmed) = oneshot::channel();
-        let pending = Pending {
-            confirm,
-            message_id: Some(message.id().to_owned()),
-            topic: topic.to_owned(),
-            reply,
-        };
+        let pending = Pending { confirm, reply };
         if ch.confirms.send(pending).is_err() {
             return Err(Failure::Lost(BrokerError::backend(
                 BACKEND,
@@ -246,88 +402,30 @@ async fn send<'a>(
                 backend: BACKEND,
                 reason: "the broker nacked the publish".into(),
             })),
-            Ok(Ok(Ok(Outcome::Unroutable(text)))) => Err(Failure::Final(BrokerError::Rejected {
-                backend: BACKEND,
-                reason: format!(
-                    "no queue is bound for topic `{topic}` ({text}); subscribe a consumer group first"
-                ),
-            })),
         }
     })
 }
 
-/// Resolves confirms for one channel.
-///
-/// lapin hands a returned (unroutable) message to whichever confirm of the
-/// same acknowledgement batch it resolves first, not necessarily the
-/// returned message's own. So confirms are settled in batches: everything
-/// resolved together is looked at together, and returns are matched to
-/// publishes by message id and topic.
+/// Resolves the confirms of one channel as they come.
 async fn collect(mut incoming: mpsc::UnboundedReceiver<Pending>) {
-    type Resolved = (Pending, lapin::Result<Confirmation>);
     let mut waiting = FuturesUnordered::new();
     let mut open = true;
     while open || !waiting.is_empty() {
         tokio::select! {
             p = incoming.recv(), if open => match p {
-                Some(mut p) => waiting.push(async move {
-                    let r = (&mut p.confirm).await;
-                    (p, r)
+                Some(p) => waiting.push(async move {
+                    let Pending { confirm, reply } = p;
+                    let outcome = confirm.await.map(|confirmation| match confirmation {
+                        // Nothing is published with `mandatory`, so nothing comes back.
+                        Confirmation::Ack(_) | Confirmation::NotRequested => Outcome::Ack,
+                        Confirmation::Nack(_) => Outcome::Nack,
+                    });
+                    let _ = reply.send(outcome);
                 }),
                 None => open = false,
             },
-            Some(first) = waiting.next(), if !waiting.is_empty() => {
-                let mut batch: Vec<Resolved> = vec![first];
-                // lapin resolves one batch in a tight loop: let it finish.
-                for _ in 0..2 {
-                    while let Some(Some(r)) = waiting.next().now_or_never() {
-                        batch.push(r);
-                    }
-                    tokio::task::yield_now().await;
-                }
-                settle(batch);
-            }
+            Some(()) = waiting.next(), if !waiting.is_empty() => {}
         }
-    }
-}
-
-fn settle(batch: Vec<(Pending, lapin::Result<Confirmation>)>) {
-    let mut returned: Vec<(Option<String>, String, String)> = Vec::new();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (pending, result) in batch {
-        let result = result.map(|confirmation| {
-            let (acked, message) = match confirmation {
-                Confirmation::Ack(m) => (true, m),
-                Confirmation::Nack(m) => (false, m),
-                Confirmation::NotRequested => (true, None),
-            };
-            if let Some(m) = message {
-                returned.push((
-                    m.delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.to_string()),
-                    m.delivery.routing_key.to_string(),
-                    format!("{} {}", m.reply_code, m.reply_text),
-                ));
-            }
-            acked
-        });
-        outcomes.push((pending, result));
-    }
-    for (pending, result) in outcomes {
-        let outcome = result.map(|acked| {
-            let mine = returned
-                .iter()
-                .position(|(id, topic, _)| *id == pending.message_id && *topic == pending.topic);
-            match mine {
-                Some(i) => Outcome::Unroutable(returned.swap_remove(i).2),
-                None if acked => Outcome::Ack,
-                None => Outcome::Nack,
-            }
-        });
-        let _ = pending.reply.send(outcome);
     }
 }
 

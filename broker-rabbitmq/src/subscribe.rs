@@ -1,6 +1,7 @@
 //! Subscriptions: a channel with a consumer on the group's queue, kept alive
 //! by a task that reconnects and resumes when the channel is lost.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,11 +38,20 @@ pub(crate) async fn subscribe(
     let live = open_with_retry(&inner, &subscription).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(pump(inner, subscription.clone(), live, tx, stop_rx));
+    let closed = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(pump(
+        inner,
+        subscription.clone(),
+        live,
+        tx,
+        stop_rx,
+        closed.clone(),
+    ));
     Ok(Box::new(RabbitStream {
         deliveries: rx,
         stop: Some(stop_tx),
         task: Some(task),
+        closed,
     }))
 }
 
@@ -55,6 +65,7 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
     let channel = inner.channel().await?;
     let opened = async {
         let queue = topology::declare_subscription(inner, &channel, &sub.topic, &sub.group).await?;
+        inner.publisher.bound(&sub.topic);
         let prefetch = u16::try_from(sub.prefetch.max(1)).unwrap_or(u16::MAX);
         inner
             .bounded(
@@ -115,6 +126,7 @@ async fn pump(
     mut live: Live,
     tx: mpsc::UnboundedSender<Result<Delivery>>,
     mut stop: oneshot::Receiver<()>,
+    closed: Arc<AtomicBool>,
 ) {
     let topic: Arc<str> = sub.topic.as_str().into();
     loop {
@@ -124,7 +136,7 @@ async fn pump(
                 _ = tx.closed() => return cancel(&inner, live).await,
                 next = live.consumer.next() => match next {
                     Some(Ok(d)) => {
-                        let delivery = to_delivery(&topic, d, inner.options.operation_timeout);
+                        let delivery = to_delivery(&topic, d, inner.options.operation_timeout, &closed);
                         if tx.send(Ok(delivery)).is_err() {
                             return cancel(&inner, live).await;
                         }
@@ -178,7 +190,12 @@ async fn cancel(inner: &Inner, live: Live) {
     }
 }
 
-fn to_delivery(topic: &Arc<str>, d: lapin::message::Delivery, timeout: Duration) -> Delivery {
+fn to_delivery(
+    topic: &Arc<str>,
+    d: lapin::message::Delivery,
+    timeout: Duration,
+    closed: &Arc<AtomicBool>,
+) -> Delivery {
     let message = codec::decode(&d.properties, d.data);
     Delivery::new(
         Received {
@@ -192,6 +209,7 @@ fn to_delivery(topic: &Arc<str>, d: lapin::message::Delivery, timeout: Duration)
         Box::new(RabbitAcker {
             acker: d.acker,
             timeout,
+            closed: closed.clone(),
         }),
     )
 }
@@ -200,6 +218,15 @@ struct RabbitStream {
     deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Set when the stream closes or goes: its deliveries can no longer be
+    /// settled (RabbitMQ requeues them with the channel).
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for RabbitStream {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 #[async_trait]
@@ -210,6 +237,7 @@ impl DeliveryStream for RabbitStream {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -230,6 +258,7 @@ impl DeliveryStream for RabbitStream {
 struct RabbitAcker {
     acker: lapin::Acker,
     timeout: Duration,
+    closed: Arc<AtomicBool>,
 }
 
 impl RabbitAcker {
@@ -238,6 +267,10 @@ impl RabbitAcker {
         operation: &'static str,
         done: impl std::future::Future<Output = lapin::Result<bool>>,
     ) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            // Its channel is closed or closing: RabbitMQ requeues it.
+            return Err(BrokerError::Closed("rabbitmq subscription"));
+        }
         let done = tokio::time::timeout(self.timeout, done)
             .await
             .map_err(|_| BrokerError::Timeout {

@@ -7,26 +7,50 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::codec::short;
-use crate::{Failure, Inner, BACKEND};
+use crate::{Failure, Inner, BACKEND, DEAD_LETTER_GROUP};
 
 /// The queue a subscription of `group` to `topic` reads.
 ///
 /// A topic's queue per group is `{topic}:{group}` (topic names cannot
-/// contain `:`, so these never collide with other queues). A dead-letter
-/// topic is different: its dead letters are kept from the start in the one
-/// queue `{topic}.dlq`, declared with the topic, and every group reading it
-/// takes from that queue (an operator's work queue, drained by the replay
-/// tool), so letters that arrived before anyone looked are not missed.
+/// contain `:`, so these never collide with other queues); dead-letter
+/// topics too, so every group reading `{topic}.dlq` gets its own copy. One
+/// exception: the dead-letter archive `{topic}.dlq`, declared with every
+/// subscription of `{topic}` so it keeps every dead letter from the start,
+/// is the queue of group [`DEAD_LETTER_GROUP`] on `{topic}.dlq` (the
+/// tooling's group; before per-group queues every reader shared it).
 pub(crate) fn subscription_queue(topic: &str, group: &str) -> String {
-    match is_dead_letter_topic(topic) {
+    match is_dead_letter_topic(topic) && group == DEAD_LETTER_GROUP {
         true => topic.to_owned(),
         false => format!("{topic}:{group}"),
     }
 }
 
+/// The queue whose existence shows that some group subscribed to `topic`
+/// (see `publish::routable`): the dead-letter archive every subscription
+/// declares. For a dead-letter topic, its archive is bound to the topic
+/// itself, so it is the topic's own name.
+pub(crate) fn marker_queue(topic: &str) -> String {
+    match is_dead_letter_topic(topic) {
+        true => topic.to_owned(),
+        false => dead_letter_topic(topic),
+    }
+}
+
 /// Declares the exchange (durable topic exchange; idempotent).
+///
+/// With an alternate exchange configured, that exchange (a durable fanout
+/// exchange) and a durable queue of the same name bound to it are declared
+/// first, and the topic exchange names it as its `alternate-exchange`. An
+/// existing topic exchange declared without it refuses the declaration:
+/// arguments of an exchange never change, so such a deployment sets the
+/// alternate exchange with a policy instead (and leaves the option unset).
 pub(crate) async fn declare_exchange(inner: &Inner, channel: &Channel) -> Result<(), Failure> {
     let name = &inner.options.exchange;
+    let mut args = FieldTable::default();
+    if let Some(ae) = &inner.options.alternate_exchange {
+        declare_alternate_exchange(inner, channel, ae).await?;
+        args.insert("alternate-exchange".into(), long(ae));
+    }
     let declared = inner
         .bounded(
             "exchange declare",
@@ -37,22 +61,61 @@ pub(crate) async fn declare_exchange(inner: &Inner, channel: &Channel) -> Result
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                args,
             ),
         )
         .await;
     declared.map_err(|f| {
-        mismatch(
-            f,
-            &format!("exchange `{name}` (expected a durable topic exchange)"),
-        )
+        let expected = match &inner.options.alternate_exchange {
+            Some(ae) => format!(
+                "a durable topic exchange with alternate exchange `{ae}`; an exchange \
+                 declared without one keeps it: set `{ae}` with a policy and drop the option, \
+                 or use a new exchange name"
+            ),
+            None => "a durable topic exchange".to_owned(),
+        };
+        mismatch(f, &format!("exchange `{name}` (expected {expected})"))
     })
 }
 
+/// The alternate exchange (durable fanout) and its queue, which keeps what
+/// no group's queue is bound for.
+async fn declare_alternate_exchange(
+    inner: &Inner,
+    channel: &Channel,
+    name: &str,
+) -> Result<(), Failure> {
+    inner
+        .bounded(
+            "exchange declare",
+            channel.exchange_declare(
+                short("alternate exchange name", name).map_err(Failure::Final)?,
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|f| {
+            mismatch(
+                f,
+                &format!("alternate exchange `{name}` (expected a durable fanout exchange)"),
+            )
+        })?;
+    // Kept until someone looks: no expiry.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        long(inner.options.queue_type.as_str()),
+    );
+    declare_queue_bound_to(inner, channel, name, name, "", args).await
+}
+
 /// Declares what a subscription of `group` to `topic` needs and returns the
-/// queue to read: the exchange, the group queue (dead-lettering to
-/// `{topic}.dlq`), and the `{topic}.dlq` queue that keeps dead letters. A
-/// dead-letter topic needs only its own queue (no `.dlq.dlq`).
+/// queue to read: the exchange and [`declare_queues`].
 pub(crate) async fn declare_subscription(
     inner: &Inner,
     channel: &Channel,
@@ -60,21 +123,89 @@ pub(crate) async fn declare_subscription(
     group: &str,
 ) -> Result<String, Failure> {
     declare_exchange(inner, channel).await?;
+    declare_queues(inner, channel, topic, group).await
+}
+
+/// Declares the queues of `group` on `topic` (the exchange must exist) and
+/// returns the group's queue: the dead-letter archive `{topic}.dlq` (bound
+/// to `{topic}.dlq`, so dead letters are kept even before anyone reads
+/// them), and the group queue `{topic}:{group}` bound to the topic, whose
+/// dead-letter exchange routes rejected messages to `{topic}.dlq`. A
+/// dead-letter topic is a topic like any other (its own dead letters go to
+/// `{topic}.dlq.dlq`), except that group [`DEAD_LETTER_GROUP`] reads the
+/// archive itself.
+pub(crate) async fn declare_queues(
+    inner: &Inner,
+    channel: &Channel,
+    topic: &str,
+    group: &str,
+) -> Result<String, Failure> {
     let queue = subscription_queue(topic, group);
-    if is_dead_letter_topic(topic) {
-        declare_bound_queue(inner, channel, &queue, topic, queue_args(inner)).await?;
-        return Ok(queue);
-    }
     let dlq = dead_letter_topic(topic);
-    let mut args = queue_args(inner);
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        long(&inner.options.exchange),
-    );
-    args.insert("x-dead-letter-routing-key".into(), long(&dlq));
-    declare_bound_queue(inner, channel, &queue, topic, args).await?;
+    if queue == topic {
+        // The archive itself, as its source's subscriptions declare it.
+        declare_bound_queue(inner, channel, &queue, topic, queue_args(inner)).await?;
+    } else {
+        let mut args = queue_args(inner);
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(&inner.options.exchange),
+        );
+        args.insert("x-dead-letter-routing-key".into(), long(&dlq));
+        declare_bound_queue(inner, channel, &queue, topic, args).await?;
+    }
     declare_bound_queue(inner, channel, &dlq, &dlq, queue_args(inner)).await?;
     Ok(queue)
+}
+
+/// Declares the queues of the required groups of `topic` (none: nothing).
+pub(crate) async fn declare_required_groups(
+    inner: &Inner,
+    channel: &Channel,
+    topic: &str,
+) -> Result<(), Failure> {
+    for group in inner.options.required_groups.of(topic) {
+        declare_queues(inner, channel, topic, group).await?;
+    }
+    Ok(())
+}
+
+/// Whether `queue` exists: a passive declaration. `Ok(false)` when it does
+/// not (RabbitMQ then closes `channel`).
+pub(crate) async fn queue_exists(
+    inner: &Inner,
+    channel: &Channel,
+    queue: &str,
+) -> Result<bool, Failure> {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let name = short("queue name", queue).map_err(Failure::Final)?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let after = inner.options.operation_timeout;
+    let declared = tokio::time::timeout(
+        after,
+        channel.queue_declare(name, passive, FieldTable::default()),
+    )
+    .await
+    .map_err(|_| {
+        Failure::Lost(BrokerError::Timeout {
+            operation: "queue declare (passive)",
+            after,
+        })
+    })?;
+    match declared {
+        Ok(_) => Ok(true),
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+            {
+                Ok(false)
+            }
+            _ => Err(crate::classify("queue declare (passive)", e)),
+        },
+    }
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -101,6 +232,18 @@ async fn declare_bound_queue(
     binding_key: &str,
     args: FieldTable,
 ) -> Result<(), Failure> {
+    let exchange = &inner.options.exchange;
+    declare_queue_bound_to(inner, channel, queue, exchange, binding_key, args).await
+}
+
+async fn declare_queue_bound_to(
+    inner: &Inner,
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    binding_key: &str,
+    args: FieldTable,
+) -> Result<(), Failure> {
     let name = short("queue name", queue).map_err(Failure::Final)?;
     inner
         .bounded(
@@ -121,7 +264,7 @@ async fn declare_bound_queue(
             "queue bind",
             channel.queue_bind(
                 name,
-                short("exchange name", &inner.options.exchange).map_err(Failure::Final)?,
+                short("exchange name", exchange).map_err(Failure::Final)?,
                 short("routing key", binding_key).map_err(Failure::Final)?,
                 QueueBindOptions::default(),
                 FieldTable::default(),

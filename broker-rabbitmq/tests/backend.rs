@@ -54,30 +54,6 @@ async fn debug_and_bad_urls_never_show_the_password() {
 }
 
 #[tokio::test]
-async fn unroutable_publish_is_rejected() {
-    if !broker_core::testkit::backend_selected("rabbitmq") {
-        return;
-    }
-    let broker = common::broker().await;
-    let err = broker
-        .publish(&unique("rmq.nobody"), Message::new("x"))
-        .await
-        .expect_err("no queue is bound");
-    assert!(matches!(err, BrokerError::Rejected { .. }), "{err:?}");
-    assert!(!err.is_transient());
-    // The channel survives: a routable publish right after works.
-    let topic = unique("rmq.somebody");
-    let _s = broker
-        .subscribe(Subscription::new(&topic, "g"))
-        .await
-        .expect("subscribe");
-    broker
-        .publish(&topic, Message::new("y"))
-        .await
-        .expect("publish");
-}
-
-#[tokio::test]
 async fn mismatched_queue_type_is_a_clear_error_and_the_broker_stays_usable() {
     if !broker_core::testkit::backend_selected("rabbitmq") {
         return;
@@ -181,20 +157,30 @@ async fn custom_exchange_and_health() {
     );
 }
 
-/// Dead letters kept before anyone reads `{topic}.dlq` are there for the
-/// first reader, whatever its group; reading them declares no
-/// `{topic}.dlq.dlq`; and the replay tool moves them back to the topic.
+/// Dead letters are kept in the archive `{topic}.dlq` before anyone reads
+/// them: group [`DEAD_LETTER_GROUP`] (the tooling's) reads the archive and
+/// finds them; a new group of its own gets its own queue, which holds only
+/// later letters. A dead-letter topic is a topic like any other: reading it
+/// declares `{topic}.dlq.dlq`. The replay tool, as the archive's group,
+/// moves the letters back to the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_wait_for_their_first_reader_and_replay() {
+async fn dead_letters_wait_in_the_archive_and_replay() {
     if !broker_core::testkit::backend_selected("rabbitmq") {
         return;
     }
     use broker_core::migrate::replay_dead_letters;
     use broker_core::topic::dead_letter_topic;
     use broker_core::{Consumer, HandlerError, Received};
+    use broker_rabbitmq::DEAD_LETTER_GROUP;
 
     let topic = unique("rmq.kept");
     let dlq = dead_letter_topic(&topic);
+    let viewer = unique("viewer");
+    let mut queues = vec![format!("{dlq}.dlq")];
+    for group in ["g", DEAD_LETTER_GROUP, viewer.as_str()] {
+        queues.extend(common::queues_of(&topic, group));
+        queues.extend(common::queues_of(&dlq, group));
+    }
     let broker = common::broker().await;
     let failing = Consumer::builder(broker.clone(), &topic, "g")
         .handler(|_r: Received| async { Err::<(), _>(HandlerError::permanent("refused")) })
@@ -216,37 +202,32 @@ async fn dead_letters_wait_for_their_first_reader_and_replay() {
         .await
         .expect("shutdown");
 
-    // A group that did not exist when the letter arrived still gets it.
-    let mut viewer = broker
-        .subscribe(Subscription::new(&dlq, unique("viewer")))
+    // A group that did not exist when the letter arrived: its own queue, empty.
+    let mut late = broker
+        .subscribe(Subscription::new(&dlq, &viewer))
         .await
         .expect("subscribe to the dlq");
-    let letter = tokio::time::timeout(Duration::from_secs(10), viewer.next())
+    let nothing = tokio::time::timeout(Duration::from_millis(500), late.next()).await;
+    assert!(
+        nothing.is_err(),
+        "a new group read a letter from before it existed"
+    );
+    late.close().await.expect("close");
+    // The archive's group finds it.
+    let mut archive = broker
+        .subscribe(Subscription::new(&dlq, DEAD_LETTER_GROUP))
+        .await
+        .expect("subscribe to the archive");
+    let letter = tokio::time::timeout(Duration::from_secs(10), archive.next())
         .await
         .expect("the kept dead letter")
         .expect("stream open")
         .expect("delivery");
     assert_eq!(letter.message().id(), sent.id());
     letter.nack(true).await.expect("hand it back");
-    viewer.close().await.expect("close viewer");
-
-    // No dead-letter queue of the dead-letter queue.
-    let conn = lapin::Connection::connect(&common::url(), lapin::ConnectionProperties::default())
-        .await
-        .expect("raw connection");
-    let channel = conn.create_channel().await.expect("channel");
-    let passive = channel
-        .queue_declare(
-            format!("{dlq}.dlq").as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await;
-    assert!(passive.is_err(), "{dlq}.dlq was declared");
-    let _ = conn.close(200, "done".into()).await;
+    archive.close().await.expect("close archive reader");
+    // Reading the dead-letter topic declared its own archive.
+    assert!(common::queue_exists(&format!("{dlq}.dlq")).await);
 
     // Replay: back to the topic, x-dlq-* headers gone, id kept.
     let mut again = broker
@@ -257,7 +238,7 @@ async fn dead_letters_wait_for_their_first_reader_and_replay() {
         &broker,
         &broker,
         &dlq,
-        "replayer",
+        DEAD_LETTER_GROUP,
         10,
         Duration::from_secs(1),
     )
@@ -279,4 +260,6 @@ async fn dead_letters_wait_for_their_first_reader_and_replay() {
         back.message().headers()
     );
     back.ack().await.expect("ack");
+    again.close().await.expect("close");
+    common::delete_queues(queues).await;
 }

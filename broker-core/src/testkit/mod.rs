@@ -22,10 +22,12 @@ use crate::consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 mod checks;
 mod model;
 mod scale;
+mod semantics;
 
 pub use checks::*;
 pub use model::*;
 pub use scale::*;
+pub use semantics::*;
 
 use crate::{
     Backoff, Delivery, DeliveryStream, Message, Publisher, Received, Subscriber, Subscription,
@@ -65,6 +67,29 @@ pub trait TestBackend: Send + Sync {
     /// A topic name no other check uses, created, with its dead-letter
     /// topic, where the broker needs topics created.
     async fn topic(&self, hint: &str) -> String;
+    /// A new publisher that names `groups` as required groups of `topic`:
+    /// they must receive its messages even if they subscribe later. The
+    /// default, [`TestBackend::publisher`], fits backends where a new group
+    /// reads a topic from its start.
+    async fn publisher_with_required_groups(
+        &self,
+        topic: &str,
+        groups: &[String],
+    ) -> Arc<dyn Publisher> {
+        let _ = (topic, groups);
+        self.publisher().await
+    }
+    /// Whether a group subscribing for the first time receives messages
+    /// published before (Kafka's `earliest`, the memory backend's
+    /// retention); not RabbitMQ, without required groups.
+    fn new_groups_read_earlier_messages(&self) -> bool {
+        true
+    }
+    /// A group that reads a dead-letter topic from its start where other new
+    /// groups cannot (RabbitMQ's dead-letter archive); `None` when any group can.
+    fn dead_letter_archive_group(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Runs every check of the suite as its own `#[tokio::test]`.
@@ -106,6 +131,10 @@ macro_rules! conformance_tests {
             oversized_message_rejected,
             invalid_topic_rejected,
             health_is_reported,
+            publish_before_any_subscription_succeeds,
+            required_group_receives_earlier_messages,
+            every_dead_letter_group_gets_every_letter,
+            settling_after_close_is_closed,
             bytes_and_repeated_headers_arrive_exactly,
             typed_headers_and_properties_arrive_as_mapped,
             dead_letter_and_replay_keep_the_message,
