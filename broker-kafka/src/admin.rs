@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::context::ClientWatch;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, Producer};
 
@@ -59,8 +59,8 @@ impl TopicSpec {
 /// Creates `topics` that do not exist yet (existing ones are left as they
 /// are), then waits until metadata lists every one with its partitions.
 pub(crate) async fn create_topics(
-    admin: &AdminClient<DefaultClientContext>,
-    metadata: &FutureProducer,
+    admin: &AdminClient<ClientWatch>,
+    metadata: &FutureProducer<ClientWatch>,
     topics: &[&str],
     spec: &TopicSpec,
     timeout: Duration,
@@ -112,7 +112,7 @@ pub(crate) async fn create_topics(
 
 /// Polls metadata until every topic is listed with partitions and no error.
 async fn wait_for_metadata(
-    client: &FutureProducer,
+    client: &FutureProducer<ClientWatch>,
     topics: &[&str],
     timeout: Duration,
 ) -> Result<(), BrokerError> {

@@ -34,9 +34,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::context::ClientWatch;
+pub use crate::context::LOG_INTERVAL;
 
 use broker_core::config::{ConfigError, KafkaSettings};
 use broker_core::message::check_outgoing;
@@ -50,6 +52,7 @@ mod admin;
 mod client_config;
 mod codec;
 mod consumer;
+mod context;
 mod lag;
 mod tracker;
 
@@ -75,8 +78,9 @@ pub struct KafkaBroker {
 
 struct Inner {
     settings: KafkaSettings,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<ClientWatch>,
+    admin: AdminClient<ClientWatch>,
+    watch: ClientWatch,
     /// True once the publisher is closed. Publishes hold a read guard while
     /// enqueueing, so `close` flushes everything that was enqueued.
     closed: tokio::sync::RwLock<bool>,
@@ -189,11 +193,12 @@ impl KafkaBrokerBuilder {
         consumer_config
             .create_native_config()
             .map_err(config_error)?;
-        let producer: FutureProducer = client_config(&settings, Role::Producer)
-            .create()
+        let watch = ClientWatch::default();
+        let producer: FutureProducer<ClientWatch> = client_config(&settings, Role::Producer)
+            .create_with_context(watch.clone())
             .map_err(config_error)?;
-        let admin: AdminClient<DefaultClientContext> = client_config(&settings, Role::Admin)
-            .create()
+        let admin: AdminClient<ClientWatch> = client_config(&settings, Role::Admin)
+            .create_with_context(watch.clone())
             .map_err(config_error)?;
 
         let limit = match effective(&settings, "message.max.bytes") {
@@ -215,6 +220,7 @@ impl KafkaBrokerBuilder {
                 settings,
                 producer,
                 admin,
+                watch,
                 closed: tokio::sync::RwLock::new(false),
                 known_topics: Mutex::new(HashSet::new()),
                 options,
@@ -379,18 +385,33 @@ impl KafkaBroker {
     /// Retries a metadata round trip with the reconnect policy. Each attempt
     /// is cut to the policy's time left, so the whole wait stays within the
     /// policy's limit (30 s by default) however the broker fails to answer;
-    /// the error names the bootstrap servers.
+    /// the error names the bootstrap servers. A refused authentication ends
+    /// the wait at once with a final [`BrokerError::Refused`].
     async fn wait_reachable(&self) -> Result<()> {
         let policy = &self.inner.options.reconnect;
         let started = tokio::time::Instant::now();
         let request_timeout = self.inner.options.request_timeout;
+        let watch = &self.inner.watch;
         policy
             .retry(
                 || {
                     let timeout = policy
                         .time_left(started)
                         .map_or(request_timeout, |left| left.min(request_timeout));
-                    self.metadata_round_trip_within(timeout.max(Duration::from_millis(1)))
+                    let attempt =
+                        self.metadata_round_trip_within(timeout.max(Duration::from_millis(1)));
+                    async move {
+                        tokio::select! {
+                            r = attempt => r,
+                            reason = watch.authentication_failed() => {
+                                Err(BrokerError::Refused {
+                                    backend: BACKEND,
+                                    operation: "authenticate",
+                                    reason,
+                                })
+                            }
+                        }
+                    }
                 },
                 BrokerError::is_transient,
             )
