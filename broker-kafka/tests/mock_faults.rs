@@ -231,7 +231,11 @@ async fn publish_during_an_outage_returns_within_its_timeout() {
         .publish_batch(&topic, batch)
         .await
         .expect_err("the only broker is down");
-    assert!(started.elapsed() <= bound, "batch took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= bound,
+        "batch took {:?}",
+        started.elapsed()
+    );
     assert!(err.is_transient(), "{err:?}");
     mock.broker_up(1).expect("broker up");
 }
