@@ -81,6 +81,8 @@ export TANSU_PORT=${TANSU_PORT:-9092}
 tansu_addr=127.0.0.1:$TANSU_PORT
 export KAFKA_BROKERS=${KAFKA_BROKERS:-$tansu_addr}
 export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+# Queues the tests cannot delete themselves (a test that failed midway) expire after 2 min.
+export RABBITMQ_QUEUE_EXPIRY_MS=${RABBITMQ_QUEUE_EXPIRY_MS:-120000}
 wants() { [[ ",${BROKER_TEST_BACKENDS// /}," == *",$1,"* ]]; }
 
 # Brokers this run started are stopped when it ends, however it ends.

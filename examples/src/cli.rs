@@ -26,8 +26,11 @@ pub const MODULE: &str = "cli";
 
 /// The consumer group the `dlq` commands read as: listing never
 /// acknowledges and replaying does, so a listing shows the letters not
-/// replayed yet, on every backend.
-pub const DLQ_GROUP: &str = "cli-dlq";
+/// replayed yet, on every backend. On RabbitMQ this group's queue is the
+/// dead-letter archive ([`broker_rabbitmq::DEAD_LETTER_GROUP`]), which
+/// keeps every letter from the topic's first subscription on; on Kafka and
+/// in memory a new group reads the dead-letter topic from its start anyway.
+pub const DLQ_GROUP: &str = broker_rabbitmq::DEAD_LETTER_GROUP;
 
 /// Usage text.
 pub const USAGE: &str = "usage:
