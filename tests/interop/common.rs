@@ -740,6 +740,16 @@ pub async fn dead_letter_and_replay<S: Side>(side: &S) {
     assert_eq!(text("x-dlq-original-topic"), Some(side.text_header(&topic)));
     assert_eq!(text("x-dlq-group"), Some(side.text_header(&group)));
     assert_eq!(text("x-dlq-attempts"), Some(side.text_header("1")));
+    // Kafka: where the original was, as the reader saw it.
+    for (field, header) in [("partition", "x-dlq-partition"), ("offset", "x-dlq-offset")] {
+        if let Some(at) = original.meta.get(field) {
+            assert_eq!(
+                text(header),
+                Some(side.text_header(&at.to_string())),
+                "{name}: {header}"
+            );
+        }
+    }
     assert_eq!(
         side.wire_id(&letter).as_deref(),
         Some(handled.id()),
