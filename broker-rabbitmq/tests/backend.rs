@@ -60,7 +60,7 @@ async fn mismatched_queue_type_is_a_clear_error_and_the_broker_stays_usable() {
     }
     let topic = unique("rmq.mismatch");
     let classic = common::broker().await;
-    let _s = classic
+    let held = classic
         .subscribe(Subscription::new(&topic, "g"))
         .await
         .expect("classic subscribe");
@@ -82,11 +82,16 @@ async fn mismatched_queue_type_is_a_clear_error_and_the_broker_stays_usable() {
     assert!(text.contains(&format!("{topic}:g")), "{text}");
     assert!(text.contains("x-queue-type"), "{text}");
     // Same connection, other queue: fine.
+    let fresh = unique("rmq.fresh");
     quorum
-        .subscribe(Subscription::new(unique("rmq.fresh"), "g"))
+        .subscribe(Subscription::new(&fresh, "g"))
         .await
         .expect("subscribe after a refused declaration");
     assert!(Publisher::health(&quorum).await.is_healthy());
+    held.close().await.expect("close");
+    let [a, b] = common::queues_of(&topic, "g");
+    let [c, d] = common::queues_of(&fresh, "g");
+    common::delete_queues([a, b, c, d]).await;
 }
 
 #[tokio::test]
@@ -114,6 +119,7 @@ async fn quorum_queues_roundtrip_and_redeliver() {
     // Quorum queues add x-delivery-count; the message still reads back unchanged.
     assert_eq!(again.message(), &sent);
     again.ack().await.expect("ack");
+    common::delete_queues(common::queues_of(&topic, "g")).await;
 }
 
 #[tokio::test]
@@ -155,6 +161,7 @@ async fn custom_exchange_and_health() {
         "{:?}",
         end.map(|d| d.map(|d| d.map(|d| d.received)))
     );
+    common::delete_queues(common::queues_of(&topic, "g")).await;
 }
 
 /// Dead letters are kept in the archive `{topic}.dlq` before anyone reads
