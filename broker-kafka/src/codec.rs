@@ -45,12 +45,13 @@ pub(crate) fn encode_headers(message: &Message) -> OwnedHeaders {
     headers
 }
 
-/// The message a record carries. A missing value is an empty payload.
+/// The message a record carries. A missing value (a tombstone) is a null payload.
 pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     let payload = record
         .payload()
         .map(Bytes::copy_from_slice)
         .unwrap_or_default();
+    let tombstone = record.payload().is_none();
     let mut id = None;
     let mut correlation_id = None;
     let mut traceparent = None;
@@ -112,6 +113,9 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     if let Some(c) = content_type {
         message = message.with_content_type(c);
     }
+    if tombstone {
+        message = message.with_null_payload();
+    }
     if user.is_empty() {
         message
     } else {
@@ -129,7 +133,7 @@ mod tests {
 
     fn record(message: &Message) -> OwnedMessage {
         OwnedMessage::new(
-            Some(message.payload().to_vec()),
+            (!message.payload_is_null()).then(|| message.payload().to_vec()),
             message.key().map(<[u8]>::to_vec),
             "t".into(),
             Timestamp::CreateTime(message.timestamp_millis()),
@@ -165,7 +169,7 @@ mod tests {
     }
 
     #[test]
-    fn foreign_record_gets_a_stable_id_and_empty_payload() {
+    fn foreign_record_gets_a_stable_id_and_a_null_payload() {
         let at = |offset| {
             OwnedMessage::new(
                 None,
@@ -182,7 +186,11 @@ mod tests {
         assert_eq!(decode(&at(7)).id(), m.id(), "the same record, the same id");
         assert_ne!(decode(&at(8)).id(), m.id());
         assert!(m.payload().is_empty());
+        assert!(m.payload_is_null());
         assert!(m.headers().is_empty());
+        // A tombstone goes out as one.
+        assert!(rdkafka::Message::payload(&record(&m)).is_none());
+        assert!(!decode(&record(&Message::new(""))).payload_is_null());
     }
 
     #[test]

@@ -431,11 +431,13 @@ impl KafkaBroker {
         deadline: tokio::time::Instant,
     ) -> Result<DeliveryFuture> {
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(&message.payload()[..])
             .headers(codec::encode_headers(message))
             .timestamp(message.timestamp_millis());
         if let Some(key) = message.key() {
             record = record.key(key);
+        }
+        if !message.payload_is_null() {
+            record = record.payload(&message.payload()[..]);
         }
         loop {
             match self.inner.producer.send_result(record) {

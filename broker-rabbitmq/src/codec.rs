@@ -236,14 +236,17 @@ fn text(value: &AMQPValue) -> Option<String> {
     }
 }
 
-fn integer(value: &AMQPValue) -> Option<i64> {
+/// A long string holding UTF-8 text, as `encode` writes its text headers.
+fn utf8_long_string(value: &AMQPValue) -> Option<String> {
     match value {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        other => text(other).and_then(|s| s.parse().ok()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        _ => None,
     }
+}
+
+/// A long string holding a decimal integer, as `encode` writes `timestamp-ms`.
+fn ours_integer(value: &AMQPValue) -> Option<i64> {
+    utf8_long_string(value).and_then(|s| s.parse().ok())
 }
 
 /// The application headers of a table, in the order [`HEADER_ORDER`] gives
@@ -312,13 +315,19 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             match name.as_str() {
-                header::TIMESTAMP => timestamp_ms = integer(value),
+                // Ours only in the form `encode` writes: anything else is
+                // the application's header, kept as it came.
+                header::TIMESTAMP if timestamp_ms.is_none() && ours_integer(value).is_some() => {
+                    timestamp_ms = ours_integer(value)
+                }
                 KEY_HEADER => match value {
                     AMQPValue::LongString(k) => key = Some(k.as_bytes()),
                     other => user.push((name.as_str(), other)),
                 },
                 HEADER_ORDER => order = Some(value),
-                header::TRACEPARENT => traceparent = text(value),
+                header::TRACEPARENT if utf8_long_string(value).is_some() => {
+                    traceparent = utf8_long_string(value)
+                }
                 n if BROKER_HEADERS.contains(&n) => {}
                 // Only ours when the native property is absent (see `encode`).
                 header::MESSAGE_ID if props.message_id().is_none() => id_header = text(value),
@@ -486,6 +495,32 @@ mod tests {
         // With the id in its property, a user header of the same name is the user's.
         let m = Message::new("x").with_header("message-id", "user value");
         assert_eq!(roundtrip(&m), m);
+    }
+
+    #[test]
+    fn reserved_names_in_other_forms_stay_the_applications() {
+        let mut table = FieldTable::default();
+        table.insert("traceparent".into(), AMQPValue::LongInt(7));
+        table.insert("timestamp-ms".into(), AMQPValue::Boolean(true));
+        let props = BasicProperties::default()
+            .with_message_id("id-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(table);
+        let m = decode(&props, vec![]);
+        assert_eq!(m.traceparent(), None);
+        assert_eq!(
+            m.headers()["traceparent"],
+            HeaderValue::Amqp(AmqpValue::I32(7))
+        );
+        assert_eq!(
+            m.headers()["timestamp-ms"],
+            HeaderValue::Amqp(AmqpValue::Bool(true))
+        );
+        assert_eq!(m.timestamp_millis(), 1_700_000_000_000);
+        let again = encode(&m).unwrap();
+        let table = again.headers().clone().unwrap();
+        assert_eq!(table.inner()["traceparent"], AMQPValue::LongInt(7));
+        assert_eq!(table.inner()["timestamp-ms"], AMQPValue::Boolean(true));
     }
 
     #[test]

@@ -83,6 +83,7 @@ struct Fields {
     traceparent: Option<String>,
     content_type: Option<String>,
     amqp: Option<Box<AmqpProperties>>,
+    null_payload: bool,
 }
 
 /// A message id. Nearly every id is a hyphenated UUID, 36 ASCII bytes:
@@ -160,6 +161,7 @@ impl Message {
             traceparent: None,
             content_type: None,
             amqp: None,
+            null_payload: false,
         })
     }
 
@@ -175,6 +177,7 @@ impl Message {
             traceparent: None,
             content_type: None,
             amqp: None,
+            null_payload: false,
         })
     }
 
@@ -221,6 +224,16 @@ impl Message {
         self.fields_mut().content_type = Some(content_type.into());
         self
     }
+    /// Makes the payload null rather than empty: a Kafka tombstone (a record
+    /// without a value, which a compacted topic reads as "delete this key").
+    /// The payload reads as empty. RabbitMQ has no null body: it sends an
+    /// empty one.
+    pub fn with_null_payload(mut self) -> Self {
+        let fields = self.fields_mut();
+        fields.payload = Bytes::new();
+        fields.null_payload = true;
+        self
+    }
     /// Sets the AMQP properties that have no common field (RabbitMQ only;
     /// other brokers do not carry them). Empty properties are none.
     pub fn with_amqp(mut self, properties: AmqpProperties) -> Self {
@@ -251,6 +264,10 @@ impl Message {
     /// The payload.
     pub fn payload(&self) -> &Bytes {
         &self.fields.payload
+    }
+    /// True for a null payload ([`Message::with_null_payload`]).
+    pub fn payload_is_null(&self) -> bool {
+        self.fields.null_payload
     }
     /// The key's bytes, if any.
     pub fn key(&self) -> Option<&[u8]> {
@@ -324,6 +341,7 @@ impl fmt::Debug for Message {
             .field("id", &self.fields.id)
             .field("key", &self.fields.key)
             .field("payload_len", &self.fields.payload.len())
+            .field("null_payload", &self.fields.null_payload)
             .field("headers", &self.fields.headers)
             .field("timestamp_ms", &self.timestamp_millis())
             .field("correlation_id", &self.fields.correlation_id)
