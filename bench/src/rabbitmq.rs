@@ -1,4 +1,4 @@
-//! RabbitMQ: raw lapin (persistent, mandatory, pipelined confirms; prefetch
+//! RabbitMQ: raw lapin (persistent, pipelined confirms, not mandatory; prefetch
 //! and per-message acks) against the abstraction, on the same exchange.
 
 use std::sync::Arc;
@@ -33,7 +33,7 @@ async fn broker(p: &Params) -> RabbitMqBroker {
         .expect("connect to RabbitMQ")
 }
 
-/// A new topic with one group queue bound (publishes are `mandatory`).
+/// A new topic with one group queue bound.
 async fn topic(b: &RabbitMqBroker, hint: &str) -> String {
     let topic = format!("bench.{hint}.{}", uuid::Uuid::new_v4().simple());
     b.subscribe(Subscription::new(&topic, "bench"))
@@ -76,7 +76,7 @@ async fn warm_up_raw(channel: &Channel, topic: &str) {
         .basic_publish(
             EXCHANGE.into(),
             topic.into(),
-            MANDATORY,
+            PUBLISH,
             b"warm-up",
             persistent(),
         )
@@ -89,8 +89,10 @@ fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
-const MANDATORY: BasicPublishOptions = BasicPublishOptions {
-    mandatory: true,
+// Like the backend: not `mandatory` (lapin logs returned messages with
+// their payload).
+const PUBLISH: BasicPublishOptions = BasicPublishOptions {
+    mandatory: false,
     immediate: false,
 };
 
@@ -132,7 +134,7 @@ pub async fn publish_raw(p: &Params) -> Outcome {
             .basic_publish(
                 EXCHANGE.into(),
                 topic.as_str().into(),
-                MANDATORY,
+                PUBLISH,
                 &payload,
                 persistent().with_headers(key_header(p, i)),
             )
@@ -181,7 +183,7 @@ pub async fn batch_raw(p: &Params) -> Outcome {
                         .basic_publish(
                             EXCHANGE.into(),
                             topic.as_str().into(),
-                            MANDATORY,
+                            PUBLISH,
                             payload,
                             persistent().with_headers(key_header(p, i)),
                         )

@@ -42,7 +42,9 @@ use broker_core::{
 
 use crate::client_config::{client_config, config_error, Role};
 use crate::codec::decode;
+use crate::context::{error_limited, log_limited, LogLimiter};
 use crate::tracker::{OffsetTracker, Token};
+use rdkafka::config::RDKafkaLogLevel;
 
 type GroupConsumer = StreamConsumer<GroupContext>;
 
@@ -213,9 +215,18 @@ impl Shared {
 /// Rebalance and commit callbacks, run by librdkafka inside `recv`.
 struct GroupContext {
     shared: Arc<Shared>,
+    /// librdkafka's logs, rate-limited like the producer's.
+    limiter: LogLimiter,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_limited(&self.limiter, level, fac, log_message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        error_limited(&self.limiter, &error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -322,6 +333,7 @@ pub(crate) async fn open(
     let consumer: GroupConsumer = config
         .create_with_context(GroupContext {
             shared: shared.clone(),
+            limiter: LogLimiter::default(),
         })
         .map_err(config_error)?;
     consumer
