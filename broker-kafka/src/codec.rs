@@ -28,7 +28,10 @@ pub(crate) fn encode_headers(message: &Message) -> OwnedHeaders {
     ];
     let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + reserved.len());
     for (key, value) in reserved {
-        if let Some(value) = value {
+        // Already among the application's headers (a foreign record had it
+        // after others, see `decode`): written there, in its place.
+        let in_place = |value: &str| message.headers().get_all(key).any(|v| v == value);
+        if let Some(value) = value.filter(|v| !in_place(v)) {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
@@ -58,6 +61,8 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
     let mut content_type = None;
     let mut user = broker_core::Headers::new();
     if let Some(headers) = record.headers() {
+        // Reserved headers come first when `encode_headers` wrote them.
+        let mut leading = true;
         for h in headers.iter() {
             // A reserved header is ours only once and only as UTF-8;
             // anything else is the application's, kept as it came.
@@ -71,8 +76,19 @@ pub(crate) fn decode(record: &impl rdkafka::Message) -> Message {
             };
             match (slot, text) {
                 // Borrowed: most ids are kept inline, without a string.
-                (Some(slot @ None), Some(text)) => *slot = Some(text),
-                _ => user.append(h.key, h.value.map_or(HeaderValue::Null, HeaderValue::from)),
+                (Some(slot @ None), Some(text)) => {
+                    *slot = Some(text);
+                    // After the application's headers (another producer's
+                    // order, e.g. OpenTelemetry appends `traceparent`): also
+                    // kept in place, so it goes out again where it was.
+                    if !leading {
+                        user.append(h.key, HeaderValue::from(text));
+                    }
+                }
+                _ => {
+                    leading = false;
+                    user.append(h.key, h.value.map_or(HeaderValue::Null, HeaderValue::from))
+                }
             }
         }
     }
@@ -191,6 +207,44 @@ mod tests {
         // A tombstone goes out as one.
         assert!(rdkafka::Message::payload(&record(&m)).is_none());
         assert!(!decode(&record(&Message::new(""))).payload_is_null());
+    }
+
+    #[test]
+    fn foreign_reserved_headers_keep_their_place() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "a",
+                value: Some(&b"1"[..]),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some(tp.as_bytes()),
+            })
+            .insert(Header {
+                key: "b",
+                value: Some(&b"2"[..]),
+            });
+        let r = OwnedMessage::new(
+            Some(b"p".to_vec()),
+            None,
+            "t".into(),
+            Timestamp::CreateTime(5),
+            0,
+            9,
+            Some(headers),
+        );
+        let m = decode(&r);
+        assert_eq!(m.traceparent(), Some(tp));
+        let written: Vec<(String, Option<Vec<u8>>)> = encode_headers(&m)
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        let names: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
+        // Only the derived id is added; the rest is as the producer wrote it.
+        assert_eq!(names, ["message-id", "a", "traceparent", "b"]);
+        assert_eq!(written[2].1.as_deref(), Some(tp.as_bytes()));
+        assert_eq!(decode(&record(&m)), m);
     }
 
     #[test]
