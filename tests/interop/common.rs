@@ -307,6 +307,7 @@ pub struct Expected {
     pub key: Option<Vec<u8>>,
     pub headers: Vec<(String, HeaderValue)>,
     pub content_type: Option<String>,
+    pub traceparent: Option<String>,
     pub amqp: Option<AmqpProperties>,
     pub timestamp_ms: Option<i64>,
 }
@@ -339,7 +340,11 @@ pub fn assert_message(what: &str, message: &Message, expected: &Expected) {
         assert_eq!(message.timestamp_millis(), ms, "{what}: timestamp");
     }
     assert_eq!(message.correlation_id(), None, "{what}: correlation_id()");
-    assert_eq!(message.traceparent(), None, "{what}: traceparent()");
+    assert_eq!(
+        message.traceparent(),
+        expected.traceparent.as_deref(),
+        "{what}: traceparent()"
+    );
     assert!(
         message.id().len() == 36 && message.id().chars().filter(|c| *c == '-').count() == 4,
         "{what}: id {:?} is not a UUID",

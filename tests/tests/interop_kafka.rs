@@ -13,18 +13,19 @@
 //!   written first, and `traceparent` (trace context);
 //! - on a dead letter, the `x-dlq-*` headers after the record's own.
 //!
-//! The foreign record's `content-type` header comes first: the codec lifts
-//! the reserved headers (`message-id`, `correlation-id`, `traceparent`,
-//! `content-type`) into the message's fields and writes them back before the
-//! application's headers, so a reserved header that a foreign producer put
-//! after its own headers would come back moved to the front (same name and
-//! bytes, another position).
+//! The foreign record's `content-type` header comes first and its
+//! `traceparent` last: the codec lifts reserved headers (`message-id`,
+//! `correlation-id`, `traceparent`, `content-type`) into the message's
+//! fields; one that comes after the application's headers also stays among
+//! them in its place, so both go out again where they were.
 //!
 //! `cargo nextest run -p integration-tests --all-features interop`
 //! (INTEROP_PYTHON from `scripts/ensure-interop-venv.sh`).
 
 #[path = "../interop/common.rs"]
 mod common;
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 use std::time::Duration;
 
@@ -114,7 +115,7 @@ impl Side for Kafka {
         let payload = [0xff, 0x00, 0xfe, 0x41, 0xc3, 0x28];
         let timestamp = 1_700_000_000_123_i64;
         let content_type = "application/x-interop";
-        let headers: [(&str, Option<&[u8]>); 7] = [
+        let headers: [(&str, Option<&[u8]>); 8] = [
             ("content-type", Some(content_type.as_bytes())),
             ("raw", Some(&[0xff, 0xfe, 0x80])),
             ("dup", Some(b"1")),
@@ -122,6 +123,8 @@ impl Side for Kafka {
             ("null", None),
             ("dup", Some(b"2")),
             ("z-last", Some(&[0xc3, 0x28])),
+            // Appended last, as OpenTelemetry's clients do.
+            ("traceparent", Some(TRACEPARENT.as_bytes())),
         ];
         let wire = Wire {
             fields: [
@@ -151,6 +154,7 @@ impl Side for Kafka {
                 })
                 .collect(),
             content_type: Some(content_type.to_owned()),
+            traceparent: Some(TRACEPARENT.to_owned()),
             amqp: None,
             timestamp_ms: Some(timestamp),
         };

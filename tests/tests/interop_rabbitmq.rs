@@ -266,6 +266,7 @@ impl Side for Rabbit {
                 .map(|(n, _, v)| (n.to_owned(), HeaderValue::from(v)))
                 .collect(),
             content_type: Some("application/x-interop".to_owned()),
+            traceparent: None,
             amqp: Some(AmqpProperties {
                 content_encoding: Some("x-interop-encoding".to_owned()),
                 kind: Some("interop.thing.happened".to_owned()),
