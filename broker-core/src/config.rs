@@ -23,8 +23,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+mod amqp_url;
 mod rabbitmq;
 
+pub use amqp_url::{AmqpUrl, UrlError};
 pub use rabbitmq::{ParseRequiredGroupsError, RabbitMqSettings, RequiredGroups};
 
 const KAFKA_ENABLED: &str = "KAFKA_ENABLED";
@@ -254,13 +256,14 @@ impl fmt::Debug for KafkaSettings {
 /// A URL that may carry a password (`amqp://user:password@host:5672/vhost`).
 ///
 /// `Debug` and `Display` print [`SecretUrl::redacted`]; only
-/// [`SecretUrl::expose`] returns the password. A `/` in the password must be
-/// percent-encoded (as URLs require), or the password is not recognised.
+/// [`SecretUrl::expose`] returns the password. A `/`, `?`, `#` or `%` in
+/// the user name or password must be percent-encoded (as URLs require);
+/// a URL that does not split cleanly into its parts is not shown at all.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretUrl(String);
 
 impl SecretUrl {
-    /// Wraps a URL; nothing is checked.
+    /// Wraps a URL; nothing is checked ([`SecretUrl::amqp`] checks).
     pub fn new(url: impl Into<String>) -> Self {
         SecretUrl(url.into())
     }
@@ -271,25 +274,40 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with the password replaced by `***`:
-    /// `amqp://user:***@host:5672/vhost`.
+    /// The URL with the password replaced by `***`
+    /// (`amqp://user:***@host:5672/vhost`), query parameters other than
+    /// the AMQP client's (`heartbeat`, `frame_max`, `channel_max`,
+    /// `connection_timeout`, `auth_mechanism`) shown as `***`, and a
+    /// fragment as `#***`. A URL that does not split cleanly into scheme,
+    /// user, password, host, port and path (a missing `:` or `/`, an
+    /// unencoded `/` in the password, ...) is shown as
+    /// `[malformed URL, redacted]`: any part of it could be the password.
+    ///
+    /// ```
+    /// use broker_core::config::SecretUrl;
+    /// assert_eq!(SecretUrl::new("amqp://app:s3cret@rabbit/%2f").redacted(), "amqp://app:***@rabbit/%2f");
+    /// assert_eq!(SecretUrl::new("amqp//app:s3cret@rabbit/%2f").redacted(), "[malformed URL, redacted]");
+    /// ```
     pub fn redacted(&self) -> String {
-        let url = &self.0;
-        let start = url.find("://").map_or(0, |i| i + 3);
-        let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
-        // The password may itself contain `@` or `:`: the host follows the
-        // last `@`, and the user name ends at the first `:`.
-        let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
-            return url.clone();
-        };
-        match url[start..at].find(':') {
-            Some(colon) => format!("{}:***{}", &url[..start + colon], &url[at..]),
-            None => url.clone(),
-        }
+        amqp_url::redact(&self.0)
     }
 
-    fn scheme(&self) -> Option<&str> {
-        self.0.split_once("://").map(|(scheme, _)| scheme)
+    /// Reads an `amqp://` or `amqps://` URL strictly into its parts
+    /// (`scheme://[user[:password]@]host[:port][/vhost][?query]`), refusing
+    /// anything a client library could read another way: no `://`, a host
+    /// that is not a host name, a port that is not a number, an `@` after
+    /// the host, a bad percent-escape, spaces. The error never quotes the
+    /// URL.
+    ///
+    /// ```
+    /// use broker_core::config::SecretUrl;
+    /// let url = SecretUrl::new("amqp://app:s3cret@rabbit:5673/prod").amqp().unwrap();
+    /// assert_eq!((url.host.as_str(), url.port, url.vhost.as_deref()), ("rabbit", Some(5673), Some("prod")));
+    /// assert_eq!(url.address(), "rabbit:5673/prod");
+    /// assert!(SecretUrl::new("amqp:/app:s3cret@rabbit/").amqp().is_err());
+    /// ```
+    pub fn amqp(&self) -> Result<AmqpUrl, UrlError> {
+        amqp_url::parse_amqp(&self.0)
     }
 }
 
@@ -556,11 +574,11 @@ impl BrokerConfig {
         if let Some(rabbitmq) = &self.rabbitmq {
             rabbitmq.validate()?;
             let url = rabbitmq.url();
-            if !url
-                .scheme()
-                .is_some_and(|s| s.eq_ignore_ascii_case("amqp") || s.eq_ignore_ascii_case("amqps"))
-            {
-                let reason = format!("`{url}` must start with amqp:// or amqps://");
+            if let Err(e) = url.amqp() {
+                let reason = format!(
+                    "`{url}` is not a URL of the form amqp://user:password@host:port/vhost \
+                     (or amqps://): {e}"
+                );
                 return Err(invalid(RABBITMQ_URL, &reason));
             }
         }
@@ -1047,9 +1065,16 @@ mod tests {
                 "amqps://user:***@host/vhost",
             ),
             ("amqp://user:a:b@host", "amqp://user:***@host"),
-            ("amqp://user@host:5672/", "amqp://user@host:5672/"),
-            ("amqp://host:5672/v@x", "amqp://host:5672/v@x"),
-            ("user:pass@host", "user:***@host"),
+            ("amqp://user@host:5672/", "amqp://***@host:5672/"),
+            ("amqp://host:5672/v%40x", "amqp://host:5672/v%40x"),
+            (
+                "amqp://u:p@h/v?heartbeat=10&password=x&k",
+                "amqp://u:***@h/v?heartbeat=10&***&***",
+            ),
+            ("amqp://u:p@h/v#frag", "amqp://u:***@h/v#***"),
+            // An `@` after the host: the URL does not split, nothing is shown.
+            ("amqp://host:5672/v@x", "[malformed URL, redacted]"),
+            ("user:pass@host", "[malformed URL, redacted]"),
         ];
         for (url, redacted) in cases {
             let secret = SecretUrl::new(url);
