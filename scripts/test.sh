@@ -13,6 +13,8 @@
 #   KAFKA_BROKERS          default 127.0.0.1:$TANSU_PORT (tansu, started here); when set
 #                          to anything else, tansu is not started
 #   TANSU_PORT             default 9092
+#   OUTBOX_DATABASE_URL    PostgreSQL for the outbox tests; default a private cluster on
+#                          127.0.0.1:55432 (scripts/ensure-postgres.sh, PGTEST_PORT)
 #   RABBITMQ_URL           default amqp://guest:guest@127.0.0.1:5672/%2f; RabbitMQ is
 #                          installed/started here only when it points at this machine; then a
 #                          second local node with a TLS listener is started too
@@ -128,6 +130,14 @@ if wants kafka || wants rabbitmq; then
   echo "$interop_env"
   INTEROP_PYTHON=$(sed -n 's/^INTEROP_PYTHON=//p' <<<"$interop_env")
   export INTEROP_PYTHON
+fi
+# A private PostgreSQL cluster (own port and data directory) for the outbox tests;
+# installed from Debian's packages when absent, stopped at the end if started here.
+if [[ -z ${OUTBOX_DATABASE_URL:-} ]]; then
+  bash scripts/ensure-postgres.sh status >/dev/null 2>&1 || on_exit+=("bash scripts/ensure-postgres.sh stop")
+  OUTBOX_DATABASE_URL=$(bash scripts/ensure-postgres.sh start | tail -n 1)
+  export OUTBOX_DATABASE_URL
+  echo "postgres: $OUTBOX_DATABASE_URL"
 fi
 
 # --- checks --------------------------------------------------------------------------

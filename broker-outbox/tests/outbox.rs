@@ -1,0 +1,340 @@
+//! The outbox and inbox against a real PostgreSQL (`OUTBOX_DATABASE_URL`,
+//! set by the test command: a private cluster from scripts/ensure-postgres.sh)
+//! and the real brokers: memory, Kafka (test broker), RabbitMQ. Every test
+//! works in a schema of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_core::config::KafkaSettings;
+use broker_core::testkit::{backend_selected, unique};
+use broker_core::{
+    Backoff, DeliveryStream, MemoryBroker, Message, Publisher, Received, Subscriber, Subscription,
+};
+use broker_kafka::{KafkaBroker, TopicSpec};
+use broker_outbox::{migrate, Inbox, Outbox, Relay};
+use broker_rabbitmq::RabbitMqBroker;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A pool on a fresh schema of the test database, migrated.
+async fn pool() -> PgPool {
+    let url = std::env::var("OUTBOX_DATABASE_URL").expect(
+        "OUTBOX_DATABASE_URL: the test command sets it (scripts/ensure-postgres.sh start prints one)",
+    );
+    let schema = unique("outbox").replace('-', "_");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at OUTBOX_DATABASE_URL: {e}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let options: PgConnectOptions = url.parse().expect("database URL");
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.options([("search_path", schema.as_str())]))
+        .await
+        .expect("pool");
+    migrate(&pool).await.expect("migrations");
+    pool
+}
+
+/// One broker for a test: publisher, subscriber and a way to make topics.
+struct Backend {
+    name: &'static str,
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+    kafka: Option<KafkaBroker>,
+}
+
+impl Backend {
+    async fn topic(&self, hint: &str) -> String {
+        let topic = unique(&format!("outbox-test.{hint}"));
+        if let Some(k) = &self.kafka {
+            k.create_topic_with_dlq(&topic, &TopicSpec::default().partitions(3))
+                .await
+                .expect("create topic");
+        }
+        topic
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> Box<dyn DeliveryStream> {
+        self.subscriber
+            .subscribe(Subscription::new(topic, group).with_prefetch(500))
+            .await
+            .expect("subscribe")
+    }
+}
+
+async fn backend(name: &'static str) -> Option<Backend> {
+    if !backend_selected(name) {
+        return None;
+    }
+    Some(match name {
+        "memory" => {
+            let m = MemoryBroker::new();
+            Backend {
+                name,
+                publisher: Arc::new(m.clone()),
+                subscriber: Arc::new(m),
+                kafka: None,
+            }
+        }
+        "kafka" => {
+            let servers =
+                std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+            let k = KafkaBroker::builder(KafkaSettings::new(servers).client_id("outbox-tests"))
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "1000")
+                .connect()
+                .await
+                .expect("Kafka test broker");
+            Backend {
+                name,
+                publisher: Arc::new(k.clone()),
+                subscriber: Arc::new(k.clone()),
+                kafka: Some(k),
+            }
+        }
+        "rabbitmq" => {
+            let url = std::env::var("RABBITMQ_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+            let r = RabbitMqBroker::builder(url)
+                .exchange("broker.test")
+                .queue_expiry(Duration::from_secs(120))
+                .connect()
+                .await
+                .expect("RabbitMQ");
+            Backend {
+                name,
+                publisher: Arc::new(r.clone()),
+                subscriber: Arc::new(r),
+                kafka: None,
+            }
+        }
+        _ => unreachable!(),
+    })
+}
+
+/// Receives and acks until `n` messages came or `WAIT` passed.
+async fn receive(stream: &mut Box<dyn DeliveryStream>, n: usize) -> Vec<Received> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(d))) => {
+                got.push(d.received.clone());
+                d.ack().await.expect("ack");
+            }
+            Ok(other) => panic!("stream ended: {:?}", other.map(|r| r.map(|d| d.received))),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+async fn quiet(stream: &mut Box<dyn DeliveryStream>) -> Option<Received> {
+    match tokio::time::timeout(Duration::from_secs(2), stream.next()).await {
+        Ok(Some(Ok(d))) => Some(d.received.clone()),
+        _ => None,
+    }
+}
+
+fn fast(relay: Relay) -> Relay {
+    relay
+        .poll_interval(Duration::from_millis(200))
+        .retry(Backoff::reconnect_default().max_delay(Duration::from_millis(500)))
+}
+
+/// A rolled-back transaction publishes nothing; a committed one publishes
+/// its message exactly as written.
+async fn rollback_publishes_nothing(b: Backend) {
+    let pool = pool().await;
+    let topic = b.topic("rollback").await;
+    let mut stream = b.subscribe(&topic, &unique("g")).await;
+    let outbox = Outbox::new();
+
+    let mut tx = pool.begin().await.unwrap();
+    let dropped = Message::new("rolled back").with_key("k");
+    outbox.publish(&mut tx, &topic, dropped).await.unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let kept = Message::new(&[0xff, 0x00][..])
+        .with_key(&[0xfe][..])
+        .with_header("h", "1")
+        .with_header("h", &[0xff][..])
+        .with_content_type("application/octet-stream");
+    outbox.publish(&mut tx, &topic, kept.clone()).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = fast(Relay::new(pool.clone(), b.publisher.clone())).start();
+    let got = receive(&mut stream, 1).await;
+    assert_eq!(got.len(), 1, "{}: the committed message", b.name);
+    assert_eq!(got[0].message, kept, "{}: published as written", b.name);
+    assert_eq!(
+        quiet(&mut stream).await.map(|r| r.message),
+        None,
+        "{}",
+        b.name
+    );
+    relay.stop().await.unwrap();
+    assert_eq!(Outbox::backlog(&pool).await.unwrap().unsent, 0);
+    // Bad input is refused at once and writes nothing.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(outbox
+        .publish(&mut tx, "bad topic", Message::new("x"))
+        .await
+        .is_err());
+}
+
+/// Two relays at once (one stopped halfway) publish every row, each once
+/// but for the at-least-once window (counted), with every key's messages
+/// in the order they were written.
+async fn two_relays_keep_order_and_lose_nothing(b: Backend) {
+    const ROWS: usize = 600;
+    const KEYS: usize = 12;
+    let pool = pool().await;
+    let topic = b.topic("two-relays").await;
+    let mut stream = b.subscribe(&topic, &unique("g")).await;
+    let outbox = Outbox::new();
+    let mut first =
+        Some(fast(Relay::new(pool.clone(), b.publisher.clone()).batch_size(50)).start());
+    let second = fast(Relay::new(pool.clone(), b.publisher.clone()).batch_size(50)).start();
+    for chunk in 0..ROWS / 50 {
+        let mut tx = pool.begin().await.unwrap();
+        for i in chunk * 50..(chunk + 1) * 50 {
+            let m = Message::new(format!("{i}"))
+                .with_key(format!("k{}", i % KEYS))
+                .with_header("seq", i.to_string());
+            outbox.publish(&mut tx, &topic, m).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        if chunk == ROWS / 100 {
+            // Lanes of a relay that stops go to the other.
+            first.take().unwrap().stop().await.unwrap();
+        }
+    }
+    let got = receive(&mut stream, ROWS).await;
+    let extra = receive_more(&mut stream).await;
+    assert!(
+        second.stats().published() > 0,
+        "{}: the second relay took over the stopped one's lanes",
+        b.name
+    );
+    second.stop().await.unwrap();
+    let all: Vec<&Received> = got.iter().chain(&extra).collect();
+    let mut seen = BTreeSet::new();
+    let mut last: BTreeMap<String, usize> = BTreeMap::new();
+    let mut duplicates = 0;
+    for r in &all {
+        let seq: usize = r.message.headers().get_str("seq").unwrap().parse().unwrap();
+        if !seen.insert(seq) {
+            duplicates += 1;
+            continue;
+        }
+        let key = r.message.key_str().unwrap().to_owned();
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(prev < seq, "{}: key {key}: {seq} after {prev}", b.name);
+        }
+    }
+    assert_eq!(seen.len(), ROWS, "{}: rows published", b.name);
+    eprintln!("{}: {duplicates} duplicates of {ROWS} rows", b.name);
+    assert_eq!(
+        Outbox::backlog(&pool).await.unwrap().unsent,
+        0,
+        "{}",
+        b.name
+    );
+}
+
+async fn receive_more(stream: &mut Box<dyn DeliveryStream>) -> Vec<Received> {
+    let mut more = Vec::new();
+    while let Some(r) = quiet(stream).await {
+        more.push(r);
+    }
+    more
+}
+
+/// The inbox runs a handler's database work once per message id: a
+/// redelivered message (here: published twice with one id) is skipped.
+async fn inbox_skips_redelivered(b: Backend) {
+    let pool = pool().await;
+    sqlx::query("CREATE TABLE credits (message_id TEXT, amount INT)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let topic = b.topic("inbox").await;
+    let group = unique("g");
+    let inbox = Inbox::new(pool.clone(), group.clone());
+    let (tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = broker_core::Consumer::from_parts(
+        b.subscriber.clone(),
+        b.publisher.clone(),
+        &topic,
+        &group,
+    )
+    .handler(inbox.handler(move |r: Received, mut db| {
+        let tx = tx.clone();
+        async move {
+            sqlx::query("INSERT INTO credits VALUES ($1, 5)")
+                .bind(r.message.id())
+                .execute(&mut *db)
+                .await?;
+            let _ = tx.send(r.message.id().to_owned());
+            Ok(db)
+        }
+    }))
+    .start()
+    .await
+    .unwrap();
+    let m = Message::new("credit").with_key("acct-1");
+    b.publisher.publish(&topic, m.clone()).await.unwrap();
+    b.publisher.publish(&topic, m.clone()).await.unwrap();
+    let other = Message::new("credit").with_key("acct-1");
+    b.publisher.publish(&topic, other.clone()).await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let id = tokio::time::timeout(WAIT, handled.recv())
+            .await
+            .expect("handled in time")
+            .unwrap();
+        ids.push(id);
+    }
+    // The duplicate is skipped, not handled: nothing more comes.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), handled.recv())
+            .await
+            .is_err(),
+        "{}: a duplicate was handled",
+        b.name
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT message_id FROM credits ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let mut expected = vec![m.id().to_owned(), other.id().to_owned()];
+    expected.sort();
+    assert_eq!(rows.into_iter().map(|r| r.0).collect::<Vec<_>>(), expected);
+}
+
+macro_rules! on_every_backend {
+    ($($scenario:ident),*) => {
+        mod memory { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { if let Some(b) = backend("memory").await { super::$scenario(b).await } })* }
+        mod kafka { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { if let Some(b) = backend("kafka").await { super::$scenario(b).await } })* }
+        mod rabbitmq { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { if let Some(b) = backend("rabbitmq").await { super::$scenario(b).await } })* }
+    };
+}
+
+on_every_backend!(
+    rollback_publishes_nothing,
+    two_relays_keep_order_and_lose_nothing,
+    inbox_skips_redelivered
+);
