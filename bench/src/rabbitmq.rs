@@ -162,7 +162,7 @@ pub async fn publish_lib(p: &Params) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "publish-lib").await;
     let outcome = abstraction::publish(p, &b, &topic).await;
-    b.shutdown().await.expect("shutdown");
+    b.close().await.expect("close");
     outcome
 }
 

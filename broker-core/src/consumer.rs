@@ -399,6 +399,28 @@ impl Runtime {
                 _ = stop_requested(&mut stop) => break Err(error),
             }
         };
+        // Refused for good (too large for the broker, refused): a copy with
+        // the payload cut to its first bytes, the reason and the original
+        // size, so the letter is kept where people look, not redelivered
+        // and refused again forever.
+        let published = match published {
+            Err(
+                e @ (BrokerError::MessageTooLarge { .. }
+                | BrokerError::Rejected { .. }
+                | BrokerError::Refused { .. }),
+            ) => {
+                let copy = truncated_letter(&letter, &e);
+                tracing::error!(error = %e, dlq = %self.dead_letter_topic, original_bytes = letter.payload().len(), "dead letter refused for good; publishing a truncated copy");
+                self.dead_letters
+                    .publish(&self.dead_letter_topic, copy)
+                    .await
+                    .map_err(|copy_error| {
+                        tracing::error!(error = %copy_error, "the truncated dead letter was refused too");
+                        e
+                    })
+            }
+            other => other,
+        };
         match published {
             Ok(()) => {
                 self.metrics.add_dead_lettered();
@@ -458,6 +480,48 @@ pub fn dead_letter_message(received: &Received, error: &HandlerError, group: &st
     }
     letter
 }
+
+/// How much of the payload a truncated dead letter keeps.
+pub const TRUNCATED_LETTER_BYTES: usize = 4096;
+
+/// The copy of a dead letter the broker refused for good: the first
+/// [`TRUNCATED_LETTER_BYTES`] of the payload, the same headers, plus
+/// `x-dlq-truncated` (`true`), `x-dlq-original-size` (payload bytes) and
+/// `x-dlq-publish-error` (why the whole letter was refused).
+pub fn truncated_letter(letter: &Message, refusal: &BrokerError) -> Message {
+    let payload = letter.payload();
+    let kept = payload.slice(..payload.len().min(TRUNCATED_LETTER_BYTES));
+    let mut copy = Message::restore(letter.id(), kept, letter.timestamp())
+        .with_headers(letter.headers().clone());
+    if let Some(key) = letter.key() {
+        copy = copy.with_key(key);
+    }
+    if let Some(id) = letter.correlation_id() {
+        copy = copy.with_correlation_id(id);
+    }
+    if let Some(tp) = letter.traceparent() {
+        copy = copy.with_traceparent(tp);
+    }
+    if let Some(ct) = letter.content_type() {
+        copy = copy.with_content_type(ct);
+    }
+    if let Some(amqp) = letter.amqp() {
+        copy = copy.with_amqp(amqp.clone());
+    }
+    let headers = copy.headers_mut();
+    headers.insert(DLQ_TRUNCATED, "true");
+    headers.insert(DLQ_ORIGINAL_SIZE, payload.len().to_string());
+    let reason: String = refusal.to_string().chars().take(1024).collect();
+    headers.insert(DLQ_PUBLISH_ERROR, reason);
+    copy
+}
+
+/// Header of a truncated dead letter: `true`.
+pub const DLQ_TRUNCATED: &str = "x-dlq-truncated";
+/// Header of a truncated dead letter: the original payload's size in bytes.
+pub const DLQ_ORIGINAL_SIZE: &str = "x-dlq-original-size";
+/// Header of a truncated dead letter: why the whole letter was refused.
+pub const DLQ_PUBLISH_ERROR: &str = "x-dlq-publish-error";
 
 /// Acks and nacks that fail are logged, not fatal: the broker redelivers
 /// what was not acked, which at-least-once allows. A delivery whose

@@ -94,12 +94,15 @@ use broker_core::{
 use lapin::{Connection, ConnectionProperties};
 
 mod codec;
+mod logs;
 mod publish;
 mod subscribe;
 mod topology;
+mod url;
 
 pub use broker_core::config::RequiredGroups;
 pub use codec::KEY_HEADER;
+pub use logs::{LAPIN_LOG_DIRECTIVE, LOG_INTERVAL};
 
 const BACKEND: &str = "rabbitmq";
 
@@ -159,7 +162,11 @@ impl RabbitMqBuilder {
         self.queue_type = queue_type;
         self
     }
-    /// Reconnect policy (default [`Backoff::reconnect_default`]: about 20 s).
+    /// Reconnect policy (default [`Backoff::reconnect_default`]: at most
+    /// 30 s from the call). Each connection attempt is cut to the policy's
+    /// time left ([`Backoff::time_left`]) as well as to the operation
+    /// timeout, so `connect` fails within the policy's limit whether the
+    /// port refuses connections or accepts and never answers.
     pub fn reconnect(mut self, policy: Backoff) -> Self {
         self.reconnect = policy;
         self
@@ -275,13 +282,7 @@ impl RabbitMqBuilder {
 
     /// Builds the broker without connecting: the first operation connects.
     pub fn build(self) -> Result<RabbitMqBroker> {
-        let uri: lapin::uri::AMQPUri = self.url.expose().parse().map_err(|e: String| {
-            // The parser's message never contains the URL itself.
-            BrokerError::Config(broker_core::config::ConfigError::Invalid {
-                var: "RABBITMQ_URL".into(),
-                reason: format!("invalid RabbitMQ URL {}: {e}", self.url.redacted()),
-            })
-        })?;
+        let (address, uri) = url::read(&self.url)?;
         codec::short("exchange name", &self.exchange)?;
         if let Some(ae) = &self.alternate_exchange {
             codec::short("alternate exchange name", ae)?;
@@ -308,6 +309,7 @@ impl RabbitMqBuilder {
         Ok(RabbitMqBroker {
             inner: Arc::new(Inner {
                 uri,
+                address,
                 link: tokio::sync::Mutex::new(None),
                 shut_down: Default::default(),
                 publisher: publish::PublisherState::default(),
@@ -338,9 +340,11 @@ impl std::fmt::Debug for RabbitMqBroker {
 pub(crate) struct Inner {
     options: RabbitMqBuilder,
     uri: lapin::uri::AMQPUri,
+    /// `host:port/vhost`, for errors (no credentials).
+    address: String,
     /// The shared connection; replaced when lost.
     link: tokio::sync::Mutex<Option<Arc<Connection>>>,
-    /// Set by [`RabbitMqBroker::shutdown`]: no more (re)connecting.
+    /// Set by [`RabbitMqBroker::close`]: no more (re)connecting.
     shut_down: std::sync::atomic::AtomicBool,
     publisher: publish::PublisherState,
 }
@@ -371,9 +375,11 @@ impl RabbitMqBroker {
         }
     }
 
-    /// Connects with default options.
-    pub async fn connect(settings: &RabbitMqSettings) -> Result<Self> {
-        Self::builder_from(settings).connect().await
+    /// Connects with default options. Takes the settings, as
+    /// `KafkaBroker::connect` does (a reference is accepted too, and
+    /// copied).
+    pub async fn connect(settings: impl Into<RabbitMqSettings>) -> Result<Self> {
+        Self::builder_from(&settings.into()).connect().await
     }
 
     /// The exchange messages are published to.
@@ -401,9 +407,12 @@ impl RabbitMqBroker {
         topology::subscription_queue(topic, group)
     }
 
-    /// Closes the connection: subscriptions end, publishing fails. Clones
-    /// share the connection, so this affects them too.
-    pub async fn shutdown(&self) -> Result<()> {
+    /// Closes the broker: waits for publishes in flight, then closes the
+    /// connection, so subscriptions end and publishing fails with
+    /// [`BrokerError::Closed`]. Clones share the connection, so this affects
+    /// them too. (Called as a method on a `RabbitMqBroker`, this is the one
+    /// that runs, not [`Publisher::close`], which closes publishing only.)
+    pub async fn close(&self) -> Result<()> {
         Publisher::close(self).await?;
         let mut link = self.inner.link.lock().await;
         self.inner
@@ -419,6 +428,12 @@ impl RabbitMqBroker {
             }
         }
         Ok(())
+    }
+
+    /// The former name of [`RabbitMqBroker::close`].
+    #[deprecated(since = "0.1.0", note = "renamed to `close`, as on the other backends")]
+    pub async fn shutdown(&self) -> Result<()> {
+        self.close().await
     }
 }
 
@@ -458,7 +473,17 @@ impl Inner {
         operation: &'static str,
         fut: impl std::future::Future<Output = lapin::Result<T>>,
     ) -> Result<T, Failure> {
-        let after = self.options.operation_timeout;
+        self.bounded_by(operation, self.options.operation_timeout, fut)
+            .await
+    }
+
+    /// Runs `fut`, failing with [`BrokerError::Timeout`] after `after`.
+    pub(crate) async fn bounded_by<T>(
+        &self,
+        operation: &'static str,
+        after: Duration,
+        fut: impl std::future::Future<Output = lapin::Result<T>>,
+    ) -> Result<T, Failure> {
         match tokio::time::timeout(after, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(classify(operation, e)),
@@ -477,29 +502,68 @@ impl Inner {
             if conn.status().connected() {
                 return Ok(conn.clone());
             }
-            tracing::warn!(url = %self.options.url, "RabbitMQ connection lost; reconnecting");
+            if let Some(suppressed) = logs::allow("connection lost") {
+                tracing::warn!(url = %self.options.url, suppressed, "RabbitMQ connection lost; reconnecting");
+            }
         }
         *link = None;
-        let policy = &self.options.reconnect;
-        let conn = policy
-            .retry(|| self.connect_once(), |f| matches!(f, Failure::Lost(_)))
-            .await
-            .map_err(|(failure, attempts)| failure.after_retries(attempts as usize))?;
-        let conn = Arc::new(conn);
+        let conn = Arc::new(self.connect_with_policy().await?);
         *link = Some(conn.clone());
         tracing::info!(url = %self.options.url, "connected to RabbitMQ");
         Ok(conn)
     }
 
-    async fn connect_once(&self) -> Result<Connection, Failure> {
+    /// Connects under the reconnect policy: each attempt is cut to the
+    /// policy's time left, so the whole takes at most the policy's limit;
+    /// a refusal (credentials, vhost, TLS) ends it at once. The error names
+    /// the address (`host:port/vhost`).
+    async fn connect_with_policy(&self) -> Result<Connection> {
+        let policy = &self.options.reconnect;
+        let started = tokio::time::Instant::now();
+        let mut delays = policy.delays();
+        let mut attempts = 0usize;
+        loop {
+            attempts += 1;
+            let limit = policy
+                .time_left(started)
+                .map_or(self.options.operation_timeout, |left| {
+                    left.min(self.options.operation_timeout)
+                });
+            let lost = match self.connect_once(limit).await {
+                Ok(conn) => return Ok(conn),
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Lost(e)) => e,
+            };
+            let next = delays
+                .next()
+                .filter(|d| policy.time_left(started).is_none_or(|left| *d < left));
+            let Some(delay) = next else {
+                return Err(BrokerError::Unavailable {
+                    backend: BACKEND,
+                    attempts,
+                    source: format!("connect to {}: {lost}", self.address).into(),
+                });
+            };
+            if let Some(suppressed) = logs::allow(&format!("connect: {lost}")) {
+                tracing::warn!(address = %self.address, attempt = attempts, ?delay, error = %lost, suppressed, "RabbitMQ connection attempt failed; retrying");
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn connect_once(&self, limit: Duration) -> Result<Connection, Failure> {
         let mut props = ConnectionProperties::default();
         if let Some(name) = &self.options.connection_name {
             props = props.with_connection_name(name.clone().into());
         }
         match &self.options.tls_ca_pem {
             None => {
-                self.bounded("connect", Connection::connect_uri(self.uri.clone(), props))
-                    .await
+                self.bounded_by(
+                    "connect",
+                    limit,
+                    Connection::connect_uri(self.uri.clone(), props),
+                )
+                .await
             }
             Some(pem) => {
                 let tls = lapin::tcp::OwnedTLSConfig {
@@ -511,7 +575,7 @@ impl Inner {
                     .with_uri(self.uri.clone())
                     .with_properties(props)
                     .with_tls_config(tls);
-                self.bounded("connect", builder.connect()).await
+                self.bounded_by("connect", limit, builder.connect()).await
             }
         }
     }
@@ -546,6 +610,38 @@ impl Inner {
                 self.options.url, self.options.operation_timeout
             )),
         }
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or the reconnect policy
+/// runs out (then a loss is [`BrokerError::Unavailable`]); warns about
+/// retries at most once per [`LOG_INTERVAL`] per kind of failure.
+pub(crate) async fn retry_lost<T, F, Fut>(inner: &Inner, what: &'static str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let policy = &inner.options.reconnect;
+    let started = tokio::time::Instant::now();
+    let mut delays = policy.delays();
+    let mut attempts = 0usize;
+    loop {
+        attempts += 1;
+        let lost = match op().await {
+            Ok(v) => return Ok(v),
+            Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::Lost(e)) => e,
+        };
+        let next = delays
+            .next()
+            .filter(|d| policy.time_left(started).is_none_or(|left| *d < left));
+        let Some(delay) = next else {
+            return Err(Failure::Lost(lost).after_retries(attempts));
+        };
+        if let Some(suppressed) = logs::allow(&format!("{what}: {lost}")) {
+            tracing::warn!(attempt = attempts, ?delay, error = %lost, suppressed, "RabbitMQ {what} failed; retrying");
+        }
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -597,8 +693,14 @@ impl Publisher for RabbitMqBroker {
         publish::publish_batch(&self.inner, topic, messages).await
     }
 
+    /// The library's limit (default 16 MiB), or the broker's
+    /// `max_message_size` once a refusal told it, whichever is lower.
     fn max_message_bytes(&self) -> usize {
-        self.inner.options.max_message_bytes
+        let own = self.inner.options.max_message_bytes;
+        self.inner
+            .publisher
+            .broker_max()
+            .map_or(own, |max| max.min(own))
     }
 
     async fn health(&self) -> Health {

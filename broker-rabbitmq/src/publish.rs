@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,10 @@ pub(crate) struct PublisherState {
     /// The channel passive declarations use (RabbitMQ closes it on a miss).
     probe: Mutex<Option<Channel>>,
     unroutable: AtomicU64,
+    /// The broker's largest message body (`max_message_size`), learned
+    /// from its first refusal; 0 while unknown. Larger publishes then fail
+    /// before anything is sent.
+    broker_max: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -92,6 +96,22 @@ impl PublisherState {
 
     pub(crate) fn unroutable_total(&self) -> u64 {
         self.unroutable.load(Ordering::Relaxed)
+    }
+
+    /// The broker's message size limit, once a refusal told it.
+    pub(crate) fn broker_max(&self) -> Option<usize> {
+        Some(self.broker_max.load(Ordering::Relaxed)).filter(|&max| max > 0)
+    }
+
+    /// Fails a message whose body is above the broker's known limit.
+    fn check_size(&self, message: &Message) -> Result<()> {
+        match self.broker_max() {
+            Some(max) if message.payload().len() > max => Err(BrokerError::MessageTooLarge {
+                size: message.payload().len(),
+                max,
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn unroutable_of(&self, topic: &str) -> u64 {
@@ -225,14 +245,28 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, message: Message) -> Res
         return Err(BrokerError::Closed("rabbitmq publisher"));
     }
     check_outgoing(topic, &message, inner.options.max_message_bytes)?;
+    inner.publisher.check_size(&message)?;
     let props = codec::encode(&message)?;
     let span = tracing::debug_span!("publish", topic, message_id = message.id());
-    async {
+    let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
+    bounded_publish(inner, async {
         let first = attempt(inner, topic, &message, props.clone()).await;
-        finish(inner, topic, &message, &props, first).await
-    }
+        finish(inner, topic, &message, &props, first, deadline).await
+    })
     .instrument(span)
     .await
+}
+
+/// A publish (or batch) returns within the confirm timeout from the call,
+/// reconnects and re-sends included.
+async fn bounded_publish(inner: &Inner, publish: impl Future<Output = Result<()>>) -> Result<()> {
+    let after = inner.options.confirm_timeout;
+    tokio::time::timeout(after, publish)
+        .await
+        .unwrap_or(Err(BrokerError::Timeout {
+            operation: "publish",
+            after,
+        }))
 }
 
 pub(crate) async fn publish_batch(
@@ -247,8 +281,24 @@ pub(crate) async fn publish_batch(
     let mut encoded = Vec::with_capacity(messages.len());
     for m in &messages {
         check_outgoing(topic, m, inner.options.max_message_bytes)?;
+        inner.publisher.check_size(m)?;
         encoded.push(codec::encode(m)?);
     }
+    let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
+    bounded_publish(
+        inner,
+        send_batch(inner, topic, &messages, &encoded, deadline),
+    )
+    .await
+}
+
+async fn send_batch(
+    inner: &Inner,
+    topic: &str,
+    messages: &[Message],
+    encoded: &[BasicProperties],
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     // Everything goes on the wire in order first; then the confirms are awaited together.
     let channel = match confirm_channel(inner).await {
         Ok(ch) => match prepare(inner, &ch, topic, messages.len()).await {
@@ -258,7 +308,7 @@ pub(crate) async fn publish_batch(
         Err(f) => Err(f),
     };
     let mut confirms = Vec::with_capacity(messages.len());
-    for (m, props) in messages.iter().zip(&encoded) {
+    for (m, props) in messages.iter().zip(encoded) {
         let sent = match &channel {
             Ok(ch) => send(inner, ch, topic, m, props.clone()).await,
             Err(Failure::Final(e)) => return Err(clone_error(e)),
@@ -266,13 +316,13 @@ pub(crate) async fn publish_batch(
         };
         confirms.push(sent);
     }
-    let results = futures::future::join_all(confirms.into_iter().zip(&messages).zip(&encoded).map(
+    let results = futures::future::join_all(confirms.into_iter().zip(messages).zip(encoded).map(
         |((sent, m), props)| async move {
             let first = match sent {
                 Ok(confirmed) => confirmed.await,
                 Err(f) => Err(f),
             };
-            finish(inner, topic, m, props, first).await
+            finish(inner, topic, m, props, first, deadline).await
         },
     ))
     .await;
@@ -292,6 +342,7 @@ async fn finish(
     message: &Message,
     props: &BasicProperties,
     first: Result<(), Failure>,
+    deadline: tokio::time::Instant,
 ) -> Result<()> {
     let mut delays = inner.options.reconnect.delays();
     let mut attempts = 1usize;
@@ -302,14 +353,18 @@ async fn finish(
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Lost(e)) => e,
         };
-        let Some(delay) = delays.next() else {
+        // No wait that would end past the publish's bound.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(delay) = delays.next().filter(|d| *d < left) else {
             return Err(BrokerError::Unavailable {
                 backend: BACKEND,
                 attempts,
                 source: Box::new(lost),
             });
         };
-        tracing::warn!(topic, message_id = message.id(), error = %lost, ?delay, "publish not confirmed; sending again");
+        if let Some(suppressed) = crate::logs::allow(&format!("publish not confirmed: {lost}")) {
+            tracing::warn!(topic, message_id = message.id(), error = %lost, ?delay, suppressed, "publish not confirmed; sending again");
+        }
         tokio::time::sleep(delay).await;
         attempts += 1;
         outcome = attempt(inner, topic, message, props.clone()).await;
@@ -393,10 +448,9 @@ async fn send<'a>(
                 BACKEND,
                 "confirm channel closed",
             ))),
-            // Any error of a sent message means its channel is gone: send again.
-            Ok(Ok(Err(e))) => Err(Failure::Lost(
-                crate::classify("publisher confirm", e).into_error(),
-            )),
+            // Any error of a sent message means its channel is gone: send
+            // again, unless the broker refused this message for good.
+            Ok(Ok(Err(e))) => Err(refusal(inner, message, e)),
             Ok(Ok(Ok(Outcome::Ack))) => Ok(()),
             Ok(Ok(Ok(Outcome::Nack))) => Err(Failure::Final(BrokerError::Rejected {
                 backend: BACKEND,
@@ -404,6 +458,48 @@ async fn send<'a>(
             })),
         }
     })
+}
+
+/// Sorts the error that ended a sent message's channel. RabbitMQ closes
+/// the channel for one message it refuses, and every message in flight on
+/// it gets the same error: a size refusal (`PRECONDITION_FAILED - message
+/// size N is larger than configured max size M`) is final only for messages
+/// above the limit, which is remembered so later ones fail before sending;
+/// the others are sent again. Other refusals (access refused, another
+/// precondition) cannot succeed on retry and are final.
+fn refusal(inner: &Inner, message: &Message, e: lapin::Error) -> Failure {
+    if let Some(max) = size_limit(&e) {
+        inner.publisher.broker_max.store(max, Ordering::Relaxed);
+        let size = message.payload().len();
+        return if size > max {
+            Failure::Final(BrokerError::MessageTooLarge { size, max })
+        } else {
+            Failure::Lost(BrokerError::backend(
+                BACKEND,
+                format!("publish: channel closed for another message: {e}"),
+            ))
+        };
+    }
+    crate::classify("publish", e)
+}
+
+/// The broker's limit from a size refusal.
+fn size_limit(e: &lapin::Error) -> Option<usize> {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    if !matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    ) {
+        return None;
+    }
+    let text = amqp.get_message().as_str();
+    let (_, max) = text.split_once("larger than configured max size ")?;
+    max.trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()
 }
 
 /// Resolves the confirms of one channel as they come.

@@ -103,12 +103,7 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
 
 /// Opens the subscription, retrying losses with the reconnect policy.
 async fn open_with_retry(inner: &Inner, sub: &Subscription) -> Result<Live> {
-    inner
-        .options
-        .reconnect
-        .retry(|| open(inner, sub), |f| matches!(f, Failure::Lost(_)))
-        .await
-        .map_err(|(failure, attempts)| failure.after_retries(attempts as usize))
+    crate::retry_lost(inner, "subscribe", || open(inner, sub)).await
 }
 
 impl std::fmt::Display for Failure {

@@ -151,7 +151,7 @@ async fn custom_exchange_and_health() {
         .await
         .expect("ack");
     assert!(Subscriber::health(&broker).await.is_healthy());
-    broker.shutdown().await.expect("shutdown");
+    broker.close().await.expect("close");
     let after = broker.publish(&topic, Message::new("late")).await;
     assert!(matches!(after, Err(BrokerError::Closed(_))), "{after:?}");
     // The subscription ends instead of reconnecting.

@@ -317,7 +317,7 @@ async fn alternate_exchange_keeps_unroutable_messages() {
     assert_eq!(got.delivery.routing_key.as_str(), topic);
     assert_eq!(got.delivery.data, sent.payload().to_vec());
     let _ = conn.close(200, "done".into()).await;
-    broker.shutdown().await.expect("shutdown");
+    broker.close().await.expect("close");
 
     // An exchange that exists without an alternate exchange keeps working
     // without the option and refuses it with a clear error.

@@ -68,7 +68,7 @@ async fn amqps_roundtrip_with_a_trusted_private_ca() {
     assert_eq!(got.message().headers()["h"], "v");
     got.ack().await.expect("ack");
     stream.close().await.expect("close");
-    broker.shutdown().await.expect("shutdown");
+    broker.close().await.expect("close");
 }
 
 /// Without the private CA the certificate is not trusted: connecting fails

@@ -368,7 +368,6 @@ pub(super) fn parse_amqp(url: &str) -> Result<AmqpUrl, UrlError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::{BrokerConfig, SecretUrl};
 
     /// Every window of three characters of `secret`: none may be shown.

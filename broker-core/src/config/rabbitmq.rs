@@ -31,6 +31,14 @@ pub struct RabbitMqSettings {
     alternate_exchange: Option<String>,
 }
 
+/// A copy: lets `RabbitMqBroker::connect` take settings by value (as
+/// `KafkaBroker::connect` does) or by reference.
+impl From<&RabbitMqSettings> for RabbitMqSettings {
+    fn from(settings: &RabbitMqSettings) -> Self {
+        settings.clone()
+    }
+}
+
 impl RabbitMqSettings {
     /// Settings for an `amqp://` or `amqps://` URL (checked when the
     /// [`BrokerConfig`](super::BrokerConfig) is built).
