@@ -109,6 +109,10 @@ if wants rabbitmq; then
     RABBITMQ_TLS_URL=$(sed -n 's/^RABBITMQ_TLS_URL=//p' <<<"$tls_env")
     RABBITMQ_TLS_CA=$(sed -n 's/^RABBITMQ_TLS_CA=//p' <<<"$tls_env")
     export RABBITMQ_TLS_URL RABBITMQ_TLS_CA
+    # A third node with max_message_size 4 MiB for the refusal tests (broker-rabbitmq/tests/faults.rs).
+    bash scripts/ensure-rabbitmq-limits.sh status || on_exit+=("bash scripts/ensure-rabbitmq-limits.sh stop")
+    RABBITMQ_LIMITS_URL=$(bash scripts/ensure-rabbitmq-limits.sh start | sed -n 's/^RABBITMQ_LIMITS_URL=//p')
+    export RABBITMQ_LIMITS_URL
   else
     echo "rabbitmq: using RABBITMQ_URL as given (not set up here)"
   fi
