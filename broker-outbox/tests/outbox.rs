@@ -20,15 +20,18 @@ use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+fn database_url() -> String {
+    std::env::var("OUTBOX_DATABASE_URL").expect(
+        "OUTBOX_DATABASE_URL: the test command sets it (scripts/ensure-postgres.sh start prints one)",
+    )
+}
+
 /// A pool on a fresh schema of the test database, migrated.
 async fn pool() -> PgPool {
-    let url = std::env::var("OUTBOX_DATABASE_URL").expect(
-        "OUTBOX_DATABASE_URL: the test command sets it (scripts/ensure-postgres.sh start prints one)",
-    );
     let schema = unique("outbox").replace('-', "_");
     let admin = PgPoolOptions::new()
         .max_connections(1)
-        .connect(&url)
+        .connect(&database_url())
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at OUTBOX_DATABASE_URL: {e}"));
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
@@ -36,14 +39,27 @@ async fn pool() -> PgPool {
         .await
         .expect("create schema");
     admin.close().await;
-    let options: PgConnectOptions = url.parse().expect("database URL");
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(options.options([("search_path", schema.as_str())]))
-        .await
-        .expect("pool");
+    let pool = pool_in(&schema).await;
     migrate(&pool).await.expect("migrations");
     pool
+}
+
+/// A pool on an existing schema.
+async fn pool_in(schema: &str) -> PgPool {
+    let options: PgConnectOptions = database_url().parse().expect("database URL");
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.options([("search_path", schema)]))
+        .await
+        .expect("pool")
+}
+
+async fn schema_of(pool: &PgPool) -> String {
+    let (schema,): (String,) = sqlx::query_as("SELECT current_schema()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    schema
 }
 
 /// One broker for a test: publisher, subscriber and a way to make topics.
@@ -325,6 +341,198 @@ async fn inbox_skips_redelivered(b: Backend) {
     assert_eq!(rows.into_iter().map(|r| r.0).collect::<Vec<_>>(), expected);
 }
 
+/// The application process dies (SIGKILL) right after committing: nothing
+/// was sent yet, and a relay started afterwards publishes every row.
+async fn committed_rows_survive_kill_9(b: Backend) {
+    const ROWS: usize = 50;
+    let pool = pool().await;
+    let topic = b.topic("kill9").await;
+    let mut stream = b.subscribe(&topic, &unique("g")).await;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_commits_then_hangs",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("OUTBOX_CHILD_SCHEMA", schema_of(&pool).await)
+        .env("OUTBOX_CHILD_TOPIC", &topic)
+        .env("OUTBOX_CHILD_ROWS", ROWS.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("child process");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let committed = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("OUTBOX-CHILD-COMMITTED") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(committed, Ok(true), "the child committed its rows");
+    child.kill().await.expect("SIGKILL the child");
+    assert_eq!(Outbox::backlog(&pool).await.unwrap().unsent, ROWS as u64);
+
+    let relay = fast(Relay::new(pool.clone(), b.publisher.clone())).start();
+    let got = receive(&mut stream, ROWS).await;
+    relay.stop().await.unwrap();
+    let seqs: BTreeSet<String> = got
+        .iter()
+        .map(|r| r.message.headers().get_str("seq").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        seqs.len(),
+        ROWS,
+        "{}: rows published after the crash",
+        b.name
+    );
+}
+
+/// Run only as the child of `committed_rows_survive_kill_9`.
+#[tokio::test]
+#[ignore = "the child process of committed_rows_survive_kill_9"]
+async fn child_commits_then_hangs() {
+    let (Ok(schema), Ok(topic), Ok(rows)) = (
+        std::env::var("OUTBOX_CHILD_SCHEMA"),
+        std::env::var("OUTBOX_CHILD_TOPIC"),
+        std::env::var("OUTBOX_CHILD_ROWS"),
+    ) else {
+        return;
+    };
+    let pool = pool_in(&schema).await;
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..rows.parse::<usize>().unwrap() {
+        let m = Message::new(format!("{i}"))
+            .with_key(format!("k{}", i % 5))
+            .with_header("seq", i.to_string());
+        Outbox::new().publish(&mut tx, &topic, m).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    println!("OUTBOX-CHILD-COMMITTED");
+    // Killed here, before any relay could send.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+/// The broker goes down while rows are written and comes back: the relay
+/// retries and publishes every row (librdkafka's mock cluster; no external
+/// broker needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_survives_a_broker_restart() {
+    use rdkafka::mocking::MockCluster;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("outbox-mock");
+    mock.create_topic(&topic, 3, 1).expect("topic");
+    mock.create_topic(&format!("{topic}.dlq"), 3, 1)
+        .expect("dlq");
+    let kafka = KafkaBroker::builder(KafkaSettings::new(mock.bootstrap_servers()))
+        .auto_create_topics(false)
+        .set("message.timeout.ms", "2000")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .connect()
+        .await
+        .expect("mock cluster");
+    let pool = pool().await;
+    let mut stream = kafka
+        .subscribe(Subscription::new(&topic, unique("g")).with_prefetch(500))
+        .await
+        .unwrap();
+    let outbox = Outbox::new();
+    let relay = fast(Relay::new(pool.clone(), Arc::new(kafka.clone()))).start();
+    let write = |from: usize| {
+        let (pool, outbox, topic) = (pool.clone(), outbox.clone(), topic.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            for i in from..from + 100 {
+                let m = Message::new(format!("{i}"))
+                    .with_key(format!("k{}", i % 7))
+                    .with_header("seq", i.to_string());
+                outbox.publish(&mut tx, &topic, m).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    };
+    write(0).await;
+    let before = receive(&mut stream, 100).await;
+    assert_eq!(before.len(), 100, "delivered before the outage");
+    mock.broker_down(1).expect("down");
+    write(100).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        Outbox::backlog(&pool).await.unwrap().unsent > 0,
+        "rows wait while the broker is down"
+    );
+    assert!(relay.stats().failures() > 0, "the relay saw the outage");
+    mock.broker_up(1).expect("up");
+    let mut seqs: BTreeSet<usize> = before
+        .iter()
+        .map(|r| r.message.headers().get_str("seq").unwrap().parse().unwrap())
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while seqs.len() < 200 && tokio::time::Instant::now() < deadline {
+        for r in receive(&mut stream, 1).await {
+            seqs.insert(r.message.headers().get_str("seq").unwrap().parse().unwrap());
+        }
+    }
+    assert_eq!(seqs.len(), 200, "every row published after the restart");
+    relay.stop().await.unwrap();
+    assert_eq!(Outbox::backlog(&pool).await.unwrap().unsent, 0);
+}
+
+/// Backlog counts unsent rows and their age; cleanup deletes sent rows
+/// past the retention, and keeps unsent ones.
+#[tokio::test]
+async fn backlog_and_cleanup() {
+    let pool = pool().await;
+    let outbox = Outbox::new();
+    assert_eq!(
+        Outbox::backlog(&pool).await.unwrap(),
+        broker_outbox::Backlog {
+            unsent: 0,
+            oldest_age: None
+        }
+    );
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..3 {
+        outbox
+            .publish(&mut tx, "cleanup.topic", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let backlog = Outbox::backlog(&pool).await.unwrap();
+    assert_eq!(backlog.unsent, 3);
+    assert!(
+        backlog.oldest_age.unwrap() >= Duration::from_millis(250),
+        "{backlog:?}"
+    );
+    // A relay with no retention sends and then deletes them.
+    let memory = MemoryBroker::new();
+    let relay = fast(Relay::new(pool.clone(), Arc::new(memory)))
+        .retention(Duration::ZERO)
+        .cleanup_interval(Duration::from_millis(100))
+        .start();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM broker_outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if rows == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{rows} rows left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relay.stats().published(), 3);
+    relay.stop().await.unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($scenario:ident),*) => {
         mod memory { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { if let Some(b) = backend("memory").await { super::$scenario(b).await } })* }
@@ -335,6 +543,7 @@ macro_rules! on_every_backend {
 
 on_every_backend!(
     rollback_publishes_nothing,
+    committed_rows_survive_kill_9,
     two_relays_keep_order_and_lose_nothing,
     inbox_skips_redelivered
 );
