@@ -399,16 +399,12 @@ impl Runtime {
                 _ = stop_requested(&mut stop) => break Err(error),
             }
         };
-        // Refused for good (too large for the broker, refused): a copy with
-        // the payload cut to its first bytes, the reason and the original
-        // size, so the letter is kept where people look, not redelivered
-        // and refused again forever.
+        // Too large for the dead-letter publisher, which no retry changes:
+        // a copy with the payload cut to its first bytes, the reason and
+        // the original size, so the letter is kept where people look, not
+        // redelivered and refused again forever.
         let published = match published {
-            Err(
-                e @ (BrokerError::MessageTooLarge { .. }
-                | BrokerError::Rejected { .. }
-                | BrokerError::Refused { .. }),
-            ) => {
+            Err(e @ BrokerError::MessageTooLarge { .. }) => {
                 let copy = truncated_letter(&letter, &e);
                 tracing::error!(error = %e, dlq = %self.dead_letter_topic, original_bytes = letter.payload().len(), "dead letter refused for good; publishing a truncated copy");
                 self.dead_letters
