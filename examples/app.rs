@@ -15,12 +15,12 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use broker::Brokers;
 use examples::app::App;
 use examples::credits_process::{
     self, CreditsProcessEnd, CreditsProcessEndMultimodel, ModelCredits,
 };
 use examples::feature_usage::{self, FeatureUsageLog};
-use examples::wiring::Brokers;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,8 +6,8 @@
 //! RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo run --example cli -- dlq list feature_usage_topic
 //! ```
 
+use broker::Brokers;
 use examples::cli::{parse, run};
-use examples::wiring::Brokers;
 
 #[tokio::main]
 async fn main() {

@@ -11,17 +11,19 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::instrument::Instrumented;
-use broker_core::message::header;
-use broker_core::{
+use broker::instrument::Instrumented;
+use broker::message::header;
+use broker::serde::{Deserialize, Serialize};
+use broker::validator::Validate;
+use broker::{
     typed, Backoff, Consumer, Event, HandlerError, MemoryBroker, Message, Publisher, PublisherExt,
     Received, Subscriber, Subscription,
 };
-use serde::{Deserialize, Serialize};
-use validator::Validate;
 
 /// A user used a feature of the product.
 #[derive(Debug, Serialize, Deserialize, Validate)]
+#[serde(crate = "broker::serde")]
+#[validate(crate = "broker::validator")]
 struct FeatureUsed {
     #[validate(length(min = 1))]
     user_id: String,

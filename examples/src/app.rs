@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::{ConsumerHandle, Result};
+use broker::{ConsumerHandle, Result};
 
 use crate::credits_process::{self, CreditsProcess};
 use crate::feature_usage::{self, FeatureUsage};
-use crate::wiring::{Brokers, Endpoints};
+use broker::{Brokers, Endpoints};
 
 /// What the app's consumers have handled so far.
 #[derive(Debug, Default)]

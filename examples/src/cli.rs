@@ -15,11 +15,11 @@
 use std::io::Write;
 use std::time::Duration;
 
-use broker_core::migrate::replay_dead_letters;
-use broker_core::topic::dead_letter_topic;
-use broker_core::{BrokerError, Message, Received, Subscription};
+use broker::migrate::replay_dead_letters;
+use broker::topic::dead_letter_topic;
+use broker::{BrokerError, Message, Received, Subscription};
 
-use crate::wiring::{Brokers, Endpoints};
+use broker::{Brokers, Endpoints};
 
 /// Module name for `BROKER_ROUTE_CLI`.
 pub const MODULE: &str = "cli";
@@ -27,10 +27,10 @@ pub const MODULE: &str = "cli";
 /// The consumer group the `dlq` commands read as: listing never
 /// acknowledges and replaying does, so a listing shows the letters not
 /// replayed yet, on every backend. On RabbitMQ this group's queue is the
-/// dead-letter archive ([`broker_rabbitmq::DEAD_LETTER_GROUP`]), which
+/// dead-letter archive ([`broker::rabbitmq::DEAD_LETTER_GROUP`]), which
 /// keeps every letter from the topic's first subscription on; on Kafka and
 /// in memory a new group reads the dead-letter topic from its start anyway.
-pub const DLQ_GROUP: &str = broker_rabbitmq::DEAD_LETTER_GROUP;
+pub const DLQ_GROUP: &str = broker::rabbitmq::DEAD_LETTER_GROUP;
 
 /// Usage text.
 pub const USAGE: &str = "usage:

@@ -6,11 +6,11 @@
 
 use std::future::Future;
 
-use broker_core::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
-use serde::{Deserialize, Serialize};
-use validator::Validate;
+use broker::serde::{Deserialize, Serialize};
+use broker::validator::Validate;
+use broker::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
 
-use crate::wiring::Endpoints;
+use broker::Endpoints;
 
 /// Module name for `BROKER_ROUTE_CREDITS_PROCESS`.
 pub const MODULE: &str = "credits_process";
@@ -21,6 +21,8 @@ pub const END_MULTIMODEL_TOPIC: &str = "credits_process_end_multimodel_topic";
 
 /// A process that used credits on one model ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
+#[serde(crate = "broker::serde")]
+#[validate(crate = "broker::validator")]
 pub struct CreditsProcessEnd {
     /// The process (unique per run).
     #[validate(length(min = 1, max = 128))]
@@ -51,6 +53,8 @@ impl Event for CreditsProcessEnd {
 
 /// The credits one model used within a multi-model process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
+#[serde(crate = "broker::serde")]
+#[validate(crate = "broker::validator")]
 pub struct ModelCredits {
     /// The model.
     #[validate(length(min = 1, max = 128))]
@@ -61,6 +65,8 @@ pub struct ModelCredits {
 
 /// A process that used credits on several models ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
+#[serde(crate = "broker::serde")]
+#[validate(crate = "broker::validator")]
 pub struct CreditsProcessEndMultimodel {
     /// The process (unique per run).
     #[validate(length(min = 1, max = 128))]
@@ -93,10 +99,10 @@ impl Event for CreditsProcessEndMultimodel {
     }
 }
 
-fn valid_status(status: &str) -> Result<(), validator::ValidationError> {
+fn valid_status(status: &str) -> Result<(), broker::validator::ValidationError> {
     match status {
         "completed" | "failed" | "cancelled" => Ok(()),
-        _ => Err(validator::ValidationError::new("unknown_status")),
+        _ => Err(broker::validator::ValidationError::new("unknown_status")),
     }
 }
 

@@ -4,11 +4,11 @@
 
 use std::future::Future;
 
-use broker_core::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
-use serde::{Deserialize, Serialize};
-use validator::Validate;
+use broker::serde::{Deserialize, Serialize};
+use broker::validator::Validate;
+use broker::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
 
-use crate::wiring::Endpoints;
+use broker::Endpoints;
 
 /// Module name for `BROKER_ROUTE_FEATURE_USAGE`.
 pub const MODULE: &str = "feature_usage";
@@ -17,6 +17,8 @@ pub const TOPIC: &str = "feature_usage_topic";
 
 /// One use of a feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
+#[serde(crate = "broker::serde")]
+#[validate(crate = "broker::validator")]
 pub struct FeatureUsageLog {
     /// Who used it.
     #[validate(length(min = 1, max = 128))]
@@ -69,7 +71,7 @@ impl FeatureUsage {
     }
 
     /// Publishes one log: validated first (an invalid log is
-    /// [`broker_core::BrokerError::Validation`] and nothing is sent), keyed
+    /// [`broker::BrokerError::Validation`] and nothing is sent), keyed
     /// by user.
     pub async fn send_feature_usage_log(
         &self,

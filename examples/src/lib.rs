@@ -1,11 +1,11 @@
 //! Example application modules on the broker library, each routed to its
 //! broker by configuration (`BROKER_ROUTE_<MODULE>`, `KAFKA_ENABLED`,
-//! `RABBITMQ_URL`), and the wiring that connects them.
+//! `RABBITMQ_URL`) through the facade crate `broker` (its [`broker::Brokers`]
+//! connects them), using nothing but the facade.
 //!
 //! - [`feature_usage`]: feature usage logs (`feature_usage_topic`).
 //! - [`credits_process`]: ends of credit-consuming processes
 //!   (`credits_process_end_topic`, `credits_process_end_multimodel_topic`).
-//! - [`wiring`]: brokers from configuration, endpoints per module.
 //!
 //! The `app` example runs both modules; `cli` publishes, tails and replays
 //! dead letters on any backend.
@@ -14,4 +14,3 @@ pub mod app;
 pub mod cli;
 pub mod credits_process;
 pub mod feature_usage;
-pub mod wiring;

@@ -5,11 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use broker_core::config::BrokerKind;
-use broker_core::testkit::unique;
-use broker_core::{Consumer, HandlerError, Received};
+use broker::config::BrokerKind;
+use broker::testkit::unique;
+use broker::Brokers;
+use broker::{Consumer, HandlerError, Received};
 use examples::cli::{parse, run, Command};
-use examples::wiring::Brokers;
 
 /// Runs one CLI command line; returns its JSON output lines.
 async fn cli(brokers: &Brokers, line: &[&str]) -> Vec<serde_json::Value> {

@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use broker_core::config::{BrokerConfig, BrokerKind, Route};
-use broker_core::migrate::{bridge, SecondaryPolicy};
-use broker_core::testkit::{backend_selected, unique};
-use broker_core::{ConsumerHandle, Message, Publisher, Received};
-use examples::wiring::{Brokers, Endpoints};
+use broker::config::{BrokerConfig, BrokerKind, Route};
+use broker::migrate::{bridge, SecondaryPolicy};
+use broker::testkit::{backend_selected, unique};
+use broker::{Brokers, Endpoints};
+use broker::{ConsumerHandle, Message, Publisher, Received};
 
 /// Messages published in each phase before moving to the next.
 const PER_PHASE: usize = 150;

@@ -6,15 +6,15 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use broker_core::config::BrokerKind;
-use broker_core::message::header;
-use broker_core::testkit::unique;
-use broker_core::topic::dead_letter_topic;
-use broker_core::{BrokerError, Message, Subscription};
+use broker::config::BrokerKind;
+use broker::message::header;
+use broker::testkit::unique;
+use broker::topic::dead_letter_topic;
+use broker::Brokers;
+use broker::{BrokerError, Message, Subscription};
 use examples::app::App;
 use examples::credits_process::{CreditsProcessEnd, CreditsProcessEndMultimodel, ModelCredits};
 use examples::feature_usage::FeatureUsageLog;
-use examples::wiring::Brokers;
 
 const EVENTS: u64 = 12;
 
@@ -182,7 +182,7 @@ async fn modules_on_rabbitmq() {
 /// Each module follows its own `BROKER_ROUTE_<MODULE>`.
 #[tokio::test]
 async fn each_module_takes_its_route() {
-    use broker_core::config::{BrokerConfig, Route};
+    use broker::config::{BrokerConfig, Route};
     let config = BrokerConfig::from_vars([
         ("BROKER_ROUTE_CREDITS_PROCESS", "memory"),
         ("BROKER_ROUTE_FEATURE_USAGE", "memory"),

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use broker_core::config::{BrokerConfig, BrokerKind, KafkaSettings, RabbitMqSettings, Route};
-use broker_core::testkit::backend_selected;
-use examples::wiring::Brokers;
+use broker::config::{BrokerConfig, BrokerKind, KafkaSettings, RabbitMqSettings, Route};
+use broker::testkit::backend_selected;
+use broker::Brokers;
 
 /// Kafka settings for the test broker. The short session timeout is for
 /// tansu, whose first group join waits half of it.
