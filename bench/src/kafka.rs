@@ -113,6 +113,13 @@ pub async fn batch_lib(p: &Params) -> Outcome {
     abstraction::publish_batches(p, &b, &topic).await
 }
 
+/// Outbox writes published by a relay (bench/src/outbox.rs).
+pub async fn outbox_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "outbox").await;
+    crate::outbox::write_and_relay(p, std::sync::Arc::new(b), &topic).await
+}
+
 /// A topic holding `n` messages, for the consumers.
 async fn filled(p: &Params, b: &KafkaBroker, hint: &str) -> String {
     let topic = topic(b, hint).await;

@@ -17,6 +17,7 @@ mod abstraction;
 mod kafka;
 mod measure;
 mod memory;
+mod outbox;
 mod rabbitmq;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,7 @@ const SCENARIOS: &[&str] = &[
     "kafka.publish.lib",
     "kafka.batch.raw",
     "kafka.batch.lib",
+    "kafka.outbox.lib",
     "kafka.consume.raw",
     "kafka.consume.raw-read",
     "kafka.consume.lib-1",
@@ -70,6 +72,7 @@ const SCENARIOS: &[&str] = &[
     "rabbitmq.publish.lib",
     "rabbitmq.batch.raw",
     "rabbitmq.batch.lib",
+    "rabbitmq.outbox.lib",
     "rabbitmq.consume.raw",
     "rabbitmq.consume.lib-1",
     "rabbitmq.consume.lib-n",
@@ -83,6 +86,7 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
         "kafka.publish.lib" => kafka::publish_lib(p).await,
         "kafka.batch.raw" => kafka::batch_raw(p).await,
         "kafka.batch.lib" => kafka::batch_lib(p).await,
+        "kafka.outbox.lib" => kafka::outbox_lib(p).await,
         "kafka.consume.raw" => kafka::consume_raw(p, kafka::RawWork::Nothing).await,
         "kafka.consume.raw-read" => kafka::consume_raw(p, kafka::RawWork::Read).await,
         "kafka.consume.lib-1" => kafka::consume_lib(p, 1).await,
@@ -92,6 +96,7 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
         "rabbitmq.publish.lib" => rabbitmq::publish_lib(p).await,
         "rabbitmq.batch.raw" => rabbitmq::batch_raw(p).await,
         "rabbitmq.batch.lib" => rabbitmq::batch_lib(p).await,
+        "rabbitmq.outbox.lib" => rabbitmq::outbox_lib(p).await,
         "rabbitmq.consume.raw" => rabbitmq::consume_raw(p).await,
         "rabbitmq.consume.lib-1" => rabbitmq::consume_lib(p, 1).await,
         "rabbitmq.consume.lib-n" => rabbitmq::consume_lib(p, lanes).await,
@@ -291,6 +296,12 @@ const PAIRS: &[Pair] = &[
     },
     Pair {
         backend: "kafka",
+        what: "outbox (transactions of 100) + relay, against direct batch publish",
+        raw: Some("kafka.batch.lib"),
+        lib: "kafka.outbox.lib",
+    },
+    Pair {
+        backend: "kafka",
         what: "consume + commit, 1 lane",
         raw: Some("kafka.consume.raw"),
         lib: "kafka.consume.lib-1",
@@ -324,6 +335,12 @@ const PAIRS: &[Pair] = &[
         what: "batch publish (1000)",
         raw: Some("rabbitmq.batch.raw"),
         lib: "rabbitmq.batch.lib",
+    },
+    Pair {
+        backend: "rabbitmq",
+        what: "outbox (transactions of 100) + relay, against direct batch publish",
+        raw: Some("rabbitmq.batch.lib"),
+        lib: "rabbitmq.outbox.lib",
     },
     Pair {
         backend: "rabbitmq",

@@ -206,6 +206,13 @@ pub async fn batch_lib(p: &Params) -> Outcome {
     abstraction::publish_batches(p, &b, &topic).await
 }
 
+/// Outbox writes published by a relay (bench/src/outbox.rs).
+pub async fn outbox_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "outbox").await;
+    crate::outbox::write_and_relay(p, std::sync::Arc::new(b), &topic).await
+}
+
 /// Raw lapin consumer: prefetch, ack every message.
 pub async fn consume_raw(p: &Params) -> Outcome {
     let b = broker(p).await;

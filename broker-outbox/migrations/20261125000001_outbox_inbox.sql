@@ -26,6 +26,18 @@ CREATE INDEX IF NOT EXISTS broker_outbox_unsent ON broker_outbox (lane, id) WHER
 -- What cleanup deletes: sent rows past the retention.
 CREATE INDEX IF NOT EXISTS broker_outbox_sent ON broker_outbox (sent_at) WHERE sent_at IS NOT NULL;
 
+-- Relays listen on channel `broker_outbox`: one notification per inserting
+-- statement, delivered when (and only if) the transaction commits.
+CREATE OR REPLACE FUNCTION broker_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('broker_outbox', '');
+    RETURN NULL;
+END;
+$$;
+DROP TRIGGER IF EXISTS broker_outbox_notify ON broker_outbox;
+CREATE TRIGGER broker_outbox_notify AFTER INSERT ON broker_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION broker_outbox_notify();
+
 -- The inbox: message ids a consumer group has handled, recorded in the
 -- handler's own transaction, so a redelivered message is skipped.
 CREATE TABLE IF NOT EXISTS broker_inbox (

@@ -136,13 +136,43 @@ impl Outbox {
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-        // Delivered to listening relays when (and only if) the transaction commits.
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(lane.to_string())
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
+        // The table's trigger notifies relays on commit.
+        Ok(())
+    }
+
+    /// Writes several messages for `topic` in one statement (one round trip);
+    /// see [`Outbox::publish`]. Every topic and message is checked first.
+    pub async fn publish_batch(
+        &self,
+        conn: &mut PgConnection,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Result<(), BrokerError> {
+        validate_topic(topic)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<row::Row> = messages.iter().map(row::Row::of).collect();
+        let lanes: Vec<i32> = messages.iter().map(|m| lane_of(m, self.lanes)).collect();
+        let column = |f: fn(&row::Row) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO broker_outbox (lane, topic, message_id, msg_key, payload, null_payload,              headers, content_type, correlation_id, traceparent, timestamp_ms, amqp)              SELECT lane, $2, message_id, msg_key, payload, null_payload, headers, content_type,              correlation_id, traceparent, timestamp_ms, amqp FROM UNNEST($1::int4[], $3::text[],              $4::bytea[], $5::bytea[], $6::bool[], $7::jsonb[], $8::text[], $9::text[],              $10::text[], $11::int8[], $12::jsonb[]) WITH ORDINALITY AS t(lane, message_id,              msg_key, payload, null_payload, headers, content_type, correlation_id, traceparent,              timestamp_ms, amqp, n) ORDER BY n",
+        )
+        .bind(&lanes)
+        .bind(topic)
+        .bind(rows.iter().map(|r| r.message_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.null_payload).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.headers.clone()).collect::<Vec<_>>())
+        .bind(column(|r| r.content_type.clone()))
+        .bind(column(|r| r.correlation_id.clone()))
+        .bind(column(|r| r.traceparent.clone()))
+        .bind(rows.iter().map(|r| r.timestamp_ms).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.amqp.clone()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 

@@ -225,11 +225,23 @@ async fn two_relays_keep_order_and_lose_nothing(b: Backend) {
     let second = fast(Relay::new(pool.clone(), b.publisher.clone()).batch_size(50)).start();
     for chunk in 0..ROWS / 50 {
         let mut tx = pool.begin().await.unwrap();
-        for i in chunk * 50..(chunk + 1) * 50 {
-            let m = Message::new(format!("{i}"))
-                .with_key(format!("k{}", i % KEYS))
-                .with_header("seq", i.to_string());
-            outbox.publish(&mut tx, &topic, m).await.unwrap();
+        let messages: Vec<Message> = (chunk * 50..(chunk + 1) * 50)
+            .map(|i| {
+                Message::new(format!("{i}"))
+                    .with_key(format!("k{}", i % KEYS))
+                    .with_header("seq", i.to_string())
+            })
+            .collect();
+        // One message at a time, and whole batches in one statement.
+        if chunk % 2 == 0 {
+            for m in messages {
+                outbox.publish(&mut tx, &topic, m).await.unwrap();
+            }
+        } else {
+            outbox
+                .publish_batch(&mut tx, &topic, messages)
+                .await
+                .unwrap();
         }
         tx.commit().await.unwrap();
         if chunk == ROWS / 100 {
