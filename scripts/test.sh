@@ -2,7 +2,8 @@
 # The project's test command (named in the README; .ci/run calls it). On a fresh machine
 # it does all set-up (cargo-nextest, rustfmt/clippy, RabbitMQ, the tansu Kafka test
 # broker), then runs every check of the workspace, stopping at the first failure:
-#   cargo fmt --check, clippy -D warnings, nextest (all tests), doctests, examples build.
+#   cargo fmt --check, clippy -D warnings, the facade's feature combinations, nextest (all
+#   tests), doctests, examples build.
 #
 #   bash scripts/test.sh [NEXTEST ARGS...]   extra arguments go to `cargo nextest run`
 #                                            (e.g. `bash scripts/test.sh memory`)
@@ -151,6 +152,26 @@ if [[ -z ${SKIP_LINT:-} ]]; then
 else
   banner "SKIP_LINT set: skipping fmt and clippy"
 fi
+# The facade's feature combinations (README "Start here"): each backend and TLS choice
+# compiles alone, the wiring tests run where a left-out feature changes what they check,
+# and a RabbitMQ-only build has no rdkafka. (kafka-tls-vendored builds OpenSSL from
+# source, minutes: FACADE_VENDORED=1 checks it too.)
+facade_features() {
+  local f combos=("" kafka rabbitmq kafka,rabbitmq kafka-tls rabbitmq-rustls rabbitmq-rustls-ring rabbitmq-native-tls)
+  [[ -n ${FACADE_VENDORED:-} ]] && combos+=(kafka-tls-vendored)
+  for f in "${combos[@]}"; do
+    echo "-- cargo check -p broker --no-default-features --features '$f'"
+    cargo check -q -p broker --all-targets --no-default-features --features "$f" || return
+  done
+  for f in "" kafka rabbitmq; do
+    cargo test -q -p broker --no-default-features --features "$f" --test wiring || return
+  done
+  if cargo tree -p broker --no-default-features --features rabbitmq-rustls -e normal | grep rdkafka; then
+    echo "rdkafka in a RabbitMQ-only build of the facade" >&2
+    return 1
+  fi
+}
+step "facade feature combinations" facade_features
 # .config/nextest.toml runs the broker-restarting rabbitmq_chaos tests last and alone.
 step "tests (cargo nextest)" cargo nextest run --workspace --all-features --no-fail-fast "$@"
 step "doctests" cargo test --workspace --all-features --doc
