@@ -113,6 +113,9 @@ pub use broker_core::testkit;
 /// The Kafka backend (feature `kafka`).
 #[cfg(feature = "kafka")]
 pub use broker_kafka as kafka;
+/// Transactional outbox and inbox on PostgreSQL (feature `outbox`).
+#[cfg(feature = "outbox")]
+pub use broker_outbox as outbox;
 /// The RabbitMQ backend (feature `rabbitmq`).
 #[cfg(feature = "rabbitmq")]
 pub use broker_rabbitmq as rabbitmq;
