@@ -50,6 +50,8 @@ mod row;
 
 pub use inbox::{Inbox, Tx};
 pub use relay::{Relay, RelayHandle, RelayStats};
+/// The `sqlx` this crate is built on: use it for the transactions you pass in.
+pub use sqlx;
 
 /// Name used in errors.
 const BACKEND: &str = "postgres";

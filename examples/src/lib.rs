@@ -5,12 +5,15 @@
 //!
 //! - [`feature_usage`]: feature usage logs (`feature_usage_topic`).
 //! - [`credits_process`]: ends of credit-consuming processes
-//!   (`credits_process_end_topic`, `credits_process_end_multimodel_topic`).
+//!   (`credits_process_end_topic`, `credits_process_end_multimodel_topic`);
+//!   [`credits_ledger`] records and debits them on PostgreSQL through the
+//!   transactional outbox and inbox.
 //!
 //! The `app` example runs both modules; `cli` publishes, tails and replays
 //! dead letters on any backend.
 
 pub mod app;
 pub mod cli;
+pub mod credits_ledger;
 pub mod credits_process;
 pub mod feature_usage;
