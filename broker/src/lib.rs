@@ -19,6 +19,7 @@
 //! | `rabbitmq-rustls-ring` | + `amqps://` on rustls with ring (no aws-lc C build) |
 //! | `rabbitmq-native-tls` | + `amqps://` on the platform's TLS (OpenSSL on Linux) |
 //! | `testkit` | [`testkit`]: the backends' conformance suite and test helpers |
+//! | `app` | [`App`]: the application runtime (default) |
 //!
 //! The in-memory broker is always there. A configuration that needs a
 //! backend (or TLS) this build leaves out is a startup error naming the
@@ -91,6 +92,12 @@
 pub mod wiring;
 
 pub use wiring::{Brokers, BrokersBuilder, Endpoints};
+
+/// The application runtime (feature `app`, on by default): see [`App`].
+#[cfg(feature = "app")]
+pub mod app;
+#[cfg(feature = "app")]
+pub use app::{App, AppStatus, HealthReport, Running};
 
 // The model and the two traits every backend implements.
 pub use broker_core::{
