@@ -724,16 +724,12 @@ impl Shared {
             .enumerate()
             .filter_map(|(i, slot)| lock(&slot.handle).take().map(|h| (i, h)))
             .collect();
-        let results =
-            futures::future::join_all(handles.into_iter().map(|(i, handle)| async move {
-                (
-                    i,
-                    handle
-                        .shutdown(deadline.min(Duration::from_millis(50)))
-                        .await,
-                )
-            }))
-            .await;
+        let results = futures::future::join_all(
+            handles
+                .into_iter()
+                .map(|(i, handle)| async move { (i, handle.shutdown(deadline).await) }),
+        )
+        .await;
         let mut first = Ok(());
         for (i, result) in results {
             if let Err(e) = result {
