@@ -1,5 +1,5 @@
-//! The example app: the feature-usage-log and credits-process modules, each
-//! on the broker its route names, publishing a few events and consuming them.
+//! The example app server (axum): the feature-usage-log and credits-process
+//! modules, each on the broker its route names, behind HTTP.
 //!
 //! ```text
 //! cargo run --example app                                  # memory: no broker
@@ -7,97 +7,34 @@
 //! KAFKA_ENABLED=true KAFKA_BROKERS=127.0.0.1:9092 \
 //!   RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
 //!   BROKER_ROUTE_CREDITS_PROCESS=rabbitmq cargo run --example app
+//!
+//! curl -si localhost:8080/credits/ends -H content-type:application/json -d \
+//!   '{"process_id":"run-1","account_id":"a1","model":"small","credits_used":10,"status":"completed","ended_at_ms":0}'
+//! curl -s localhost:8080/credits/a1; curl -s localhost:8080/health; curl -s localhost:8080/metrics
 //! ```
 //!
-//! `APP_NAME` names the consumer groups (default `example-app`);
-//! `DEMO_EVENTS` is how many events of each kind to publish (default 5).
+//! `APP_ADDR` is where it listens (default `127.0.0.1:8080`), `APP_NAME`
+//! names the consumer groups (default `example-app`). SIGTERM or ctrl-c
+//! stops it: in-flight messages are drained within 30 s.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
-use broker::Brokers;
-use examples::app::App;
-use examples::credits_process::{
-    self, CreditsProcessEnd, CreditsProcessEndMultimodel, ModelCredits,
-};
-use examples::feature_usage::{self, FeatureUsageLog};
+use broker::App;
+use examples::credits_process::CreditsProcess;
+use examples::feature_usage::FeatureUsage;
+use examples::server::{self, Ledger, MODULES};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let addr = std::env::var("APP_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let name = std::env::var("APP_NAME").unwrap_or_else(|_| "example-app".into());
-    let events: u64 = match std::env::var("DEMO_EVENTS") {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| format!("DEMO_EVENTS must be a number, not `{v}`"))?,
-        Err(_) => 5,
-    };
-    let brokers = Brokers::from_env().await?;
-    for module in [feature_usage::MODULE, credits_process::MODULE] {
-        println!("{module}: {:?}", brokers.config().route(module));
+    let app = App::from_env(MODULES).await?;
+    for module in MODULES {
+        println!("{module}: {}", app.brokers().config().route(module));
     }
-    let app = App::new(brokers.clone(), &name);
-    // Consumers first: a RabbitMQ queue only holds what arrives after it exists.
-    let running = app.start(4).await?;
-
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-    let usage = app.feature_usage_endpoints()?;
-    let credits = app.credits_endpoints()?;
-    for i in 0..events {
-        let user = format!("user-{}", i % 3);
-        let log = FeatureUsageLog {
-            user_id: user.clone(),
-            organization_id: Some("org-1".into()),
-            feature: "export".into(),
-            units: i + 1,
-            used_at_ms: now,
-        };
-        app.feature_usage
-            .send_feature_usage_log(&*usage.publisher, &log)
-            .await?;
-        let end = CreditsProcessEnd {
-            process_id: format!("run-{i}"),
-            account_id: user.clone(),
-            model: "small".into(),
-            credits_used: 10,
-            status: "completed".into(),
-            ended_at_ms: now,
-        };
-        app.credits_process
-            .send_process_end(&*credits.publisher, &end)
-            .await?;
-        let multi = CreditsProcessEndMultimodel {
-            process_id: format!("multi-run-{i}"),
-            account_id: user,
-            models: vec![
-                ModelCredits {
-                    model: "small".into(),
-                    credits_used: 3,
-                },
-                ModelCredits {
-                    model: "large".into(),
-                    credits_used: 7,
-                },
-            ],
-            status: "completed".into(),
-            ended_at_ms: now,
-        };
-        app.credits_process
-            .send_process_end_multimodel(&*credits.publisher, &multi)
-            .await?;
-    }
-
-    let all_handled = running
-        .wait_until(Duration::from_secs(60), |t| {
-            t.usage_logs.load(Ordering::Relaxed) >= events
-                && t.process_ends.load(Ordering::Relaxed) >= events
-                && t.multimodel_ends.load(Ordering::Relaxed) >= events
-        })
-        .await;
-    println!("handled: {}", running.totals.summary());
-    running.shutdown(Duration::from_secs(10)).await?;
-    brokers.close().await?;
-    if !all_handled {
-        return Err("not every event was handled within 60 s".into());
-    }
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    let names = (FeatureUsage::new(&name), CreditsProcess::new(&name));
+    server::serve(app, listener, names, Arc::new(Ledger::default())).await?;
     Ok(())
 }

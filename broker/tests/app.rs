@@ -5,6 +5,11 @@
 //! leaves them out).
 
 #![cfg(feature = "app")]
+// Some imports serve only the Kafka and RabbitMQ tests.
+#![cfg_attr(
+    not(all(feature = "kafka", feature = "rabbitmq")),
+    allow(unused_imports)
+)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -17,3 +17,4 @@ pub mod cli;
 pub mod credits_ledger;
 pub mod credits_process;
 pub mod feature_usage;
+pub mod server;
