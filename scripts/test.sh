@@ -157,7 +157,7 @@ fi
 # and a RabbitMQ-only build has no rdkafka. (kafka-tls-vendored builds OpenSSL from
 # source, minutes: FACADE_VENDORED=1 checks it too.)
 facade_features() {
-  local f combos=("" kafka rabbitmq kafka,rabbitmq kafka-tls rabbitmq-rustls rabbitmq-rustls-ring rabbitmq-native-tls rabbitmq,outbox app rabbitmq,app)
+  local f combos=("" kafka rabbitmq kafka,rabbitmq kafka-tls rabbitmq-rustls rabbitmq-rustls-ring rabbitmq-native-tls rabbitmq,outbox app rabbitmq,app cli)
   [[ -n ${FACADE_VENDORED:-} ]] && combos+=(kafka-tls-vendored)
   for f in "${combos[@]}"; do
     echo "-- cargo check -p broker --no-default-features --features '$f'"

@@ -407,6 +407,50 @@ impl RabbitMqBroker {
         topology::subscription_queue(topic, group)
     }
 
+    /// Declares the exchange and, for each of `groups`, what a subscription
+    /// of that group to `topic` declares (the group's queue
+    /// `{topic}:{group}` and the dead-letter archive `{topic}.dlq`), without
+    /// consuming anything, so those groups keep every message published
+    /// from now on. With no groups, only the exchange. Idempotent; returns
+    /// the queues declared (the archive last, once). The operator's
+    /// `topic create` runs this.
+    ///
+    /// # Errors
+    ///
+    /// An invalid topic; [`BrokerError::Refused`] for a queue that exists
+    /// with other arguments; [`BrokerError::Unavailable`] when the broker
+    /// cannot be reached within the reconnect policy.
+    pub async fn declare_topic(&self, topic: &str, groups: &[&str]) -> Result<Vec<String>> {
+        broker_core::topic::validate_topic(topic)?;
+        for group in groups {
+            codec::short(
+                "queue name (topic and group)",
+                &topology::subscription_queue(topic, group),
+            )?;
+        }
+        let inner = &self.inner;
+        let queues = retry_lost(inner, "declare", || async move {
+            let channel = inner.channel().await?;
+            topology::declare_exchange(inner, &channel).await?;
+            let mut queues = Vec::new();
+            for group in groups {
+                queues.push(topology::declare_queues(inner, &channel, topic, group).await?);
+            }
+            if !groups.is_empty() {
+                queues.push(broker_core::topic::dead_letter_topic(topic));
+            }
+            let _ = inner
+                .bounded("channel close", channel.close(200, "declared".into()))
+                .await;
+            Ok(queues)
+        })
+        .await?;
+        if !groups.is_empty() {
+            inner.publisher.bound(topic);
+        }
+        Ok(queues)
+    }
+
     /// Closes the broker: waits for publishes in flight, then closes the
     /// connection, so subscriptions end and publishing fails with
     /// [`BrokerError::Closed`]. Clones share the connection, so this affects

@@ -19,6 +19,7 @@
 //! | `rabbitmq-rustls-ring` | + `amqps://` on rustls with ring (no aws-lc C build) |
 //! | `rabbitmq-native-tls` | + `amqps://` on the platform's TLS (OpenSSL on Linux) |
 //! | `testkit` | [`testkit`]: the backends' conformance suite and test helpers |
+//! | `cli` | [`cli`]: the operator's tool, binary `broker-cli` (clap, indicatif) |
 //! | `app` | [`App`]: the application runtime (default) |
 //!
 //! The in-memory broker is always there. A configuration that needs a
@@ -90,6 +91,10 @@
 #![forbid(unsafe_code)]
 
 pub mod wiring;
+
+/// The operator's command line tool (feature `cli`, binary `broker-cli`).
+#[cfg(feature = "cli")]
+pub mod cli;
 
 pub use wiring::{Brokers, BrokersBuilder, Endpoints};
 

@@ -9,11 +9,11 @@
 //!   [`credits_ledger`] records and debits them on PostgreSQL through the
 //!   transactional outbox and inbox.
 //!
-//! The `app` example runs both modules; `cli` publishes, tails and replays
-//! dead letters on any backend.
+//! The `app` example runs both modules. The operator's tool (publish, tail,
+//! dead letters, lag, health) is the `broker-cli` binary of the facade
+//! (feature `cli`).
 
 pub mod app;
-pub mod cli;
 pub mod credits_ledger;
 pub mod credits_process;
 pub mod feature_usage;

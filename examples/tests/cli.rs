@@ -1,21 +1,32 @@
-//! The CLI example on each backend: publish, tail, list dead letters
-//! (without removing them) and replay them.
+//! The operator's tool (`broker::cli`, binary `broker-cli`) driven as a
+//! library on each backend, the example modules' way: publish, tail, list
+//! dead letters (without removing them), filter them, dry-run and replay.
+//! `broker/tests/cli.rs` runs the binary itself.
 
 mod common;
 
 use std::time::Duration;
 
+use broker::cli::{execute, Cli, Io, MODULE};
 use broker::config::BrokerKind;
 use broker::testkit::unique;
 use broker::Brokers;
 use broker::{Consumer, HandlerError, Received};
-use examples::cli::{parse, run, Command};
 
-/// Runs one CLI command line; returns its JSON output lines.
+/// Runs one command line on `brokers` (route of module `cli`); returns its
+/// JSON output lines.
 async fn cli(brokers: &Brokers, line: &[&str]) -> Vec<serde_json::Value> {
-    let command = parse(line.iter().copied()).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    let args = std::iter::once("broker-cli").chain(line.iter().copied());
+    let parsed = Cli::parse_args(args).unwrap_or_else(|e| panic!("{line:?}: {e}"));
     let mut out = Vec::new();
-    run(command, brokers, &mut out)
+    let mut stdin = std::io::empty();
+    let mut io = Io {
+        stdin: &mut stdin,
+        out: &mut out,
+        progress: false,
+    };
+    let route = brokers.config().route(MODULE);
+    execute(&parsed.command, brokers, route, &mut io)
         .await
         .unwrap_or_else(|e| panic!("{line:?}: {e}"));
     String::from_utf8(out)
@@ -110,8 +121,58 @@ async fn cli_flow(brokers: Brokers) {
             .is_some_and(|r| r.contains("not today"))));
     }
 
+    // Filters: by kind (all are `permanent`), by header, by id.
+    let none = cli(
+        &brokers,
+        &[
+            "dlq",
+            "list",
+            &topic,
+            "--kind",
+            "decode",
+            "--idle-secs",
+            idle,
+        ],
+    )
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+    let by_header = cli(
+        &brokers,
+        &[
+            "dlq",
+            "list",
+            &topic,
+            "--header",
+            "origin=cli",
+            "--idle-secs",
+            idle,
+        ],
+    )
+    .await;
+    assert_eq!(by_header.len(), 1, "{by_header:?}");
+    assert_eq!(by_header[0]["payload"], "hello");
+    let dry = cli(
+        &brokers,
+        &[
+            "dlq",
+            "replay",
+            &topic,
+            "--kind",
+            "permanent",
+            "--dry-run",
+            "--idle-secs",
+            idle,
+        ],
+    )
+    .await;
+    assert_eq!(ids(&dry[..2]), published, "{dry:?}");
+    assert_eq!(dry[2]["would_replay"], 2, "{dry:?}");
+    let still = cli(&brokers, &["dlq", "list", &topic, "--idle-secs", idle]).await;
+    assert_eq!(ids(&still), published, "a dry run moves nothing: {still:?}");
+
     let replay = cli(&brokers, &["dlq", "replay", &topic, "--idle-secs", idle]).await;
     assert_eq!(replay[0]["replayed"], 2, "{replay:?}");
+    assert_eq!(replay[0]["skipped"], 0, "{replay:?}");
     assert_eq!(replay[0]["left"], 0, "{replay:?}");
     let back = cli(
         &brokers,
@@ -151,34 +212,54 @@ async fn cli_on_kafka() {
 
 #[test]
 fn arguments_parse_or_say_what_is_wrong() {
-    assert_eq!(
-        parse(["publish", "t", "p", "--key", "k", "--header", "a=b", "--header", "c=d=e"]).unwrap(),
-        Command::Publish {
-            topic: "t".into(),
-            payload: "p".into(),
-            key: Some("k".into()),
-            headers: vec![("a".into(), "b".into()), ("c".into(), "d=e".into())],
+    let parse =
+        |line: &[&str]| Cli::parse_args(std::iter::once("broker-cli").chain(line.iter().copied()));
+    let publish = parse(&[
+        "publish", "t", "p", "--key", "k", "--header", "a=b", "--header", "c=d=e",
+    ])
+    .unwrap();
+    match publish.command {
+        broker::cli::Command::Publish(args) => {
+            assert_eq!(args.topic, "t");
+            assert_eq!(args.payload.as_deref(), Some("p"));
+            assert_eq!(args.key.as_deref(), Some("k"));
+            assert_eq!(
+                args.headers,
+                vec![("a".into(), "b".into()), ("c".into(), "d=e".into())]
+            );
         }
-    );
-    assert_eq!(
-        parse(["dlq", "replay", "t", "--max", "5"]).unwrap(),
-        Command::DlqReplay {
-            topic: "t".into(),
-            max: 5,
-            idle: Duration::from_secs(5)
+        other => panic!("{other:?}"),
+    }
+    match parse(&[
+        "dlq",
+        "replay",
+        "t",
+        "--max",
+        "5",
+        "--kind",
+        "decode",
+        "--dry-run",
+    ])
+    .unwrap()
+    .command
+    {
+        broker::cli::Command::Dlq(broker::cli::DlqCommand::Replay(args)) => {
+            assert_eq!(args.max, 5);
+            assert_eq!(args.idle_secs, 5);
+            assert!(args.dry_run);
+            assert_eq!(args.filter.kinds, vec!["decode".to_owned()]);
         }
-    );
-    assert!(parse(["tail", "t", "--count", "many"])
-        .unwrap_err()
-        .contains("--count"));
-    assert!(parse(["tail", "t", "--colour", "red"])
-        .unwrap_err()
-        .contains("--colour"));
-    assert!(parse(["publish", "t", "p", "--header", "novalue"])
-        .unwrap_err()
-        .contains("name=value"));
-    assert!(parse(["tail", "t", "--group"])
-        .unwrap_err()
-        .contains("needs a value"));
-    assert!(parse(["frobnicate"]).unwrap_err().starts_with("usage"));
+        other => panic!("{other:?}"),
+    }
+    for (line, says) in [
+        (&["tail", "t", "--count", "many"][..], "--count"),
+        (&["tail", "t", "--colour", "red"], "--colour"),
+        (&["publish", "t", "p", "--header", "novalue"], "NAME=VALUE"),
+        (&["tail", "t", "--group"], "--group"),
+        (&["frobnicate"], "frobnicate"),
+    ] {
+        let err = parse(line).unwrap_err();
+        assert_eq!(err.exit, broker::cli::Exit::Usage, "{line:?}");
+        assert!(err.message.contains(says), "{line:?}: {}", err.message);
+    }
 }
