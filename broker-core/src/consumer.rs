@@ -25,7 +25,7 @@ use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
 use crate::handler::{FailureKind, Handler, HandlerError};
 use crate::message::{header, millis_since_epoch, now_millis, Message};
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::metrics::{ConsumerInstruments, Metrics, MetricsSnapshot};
 use crate::topic::{dead_letter_topic, validate_topic};
 use crate::{Publisher, Subscriber, Subscription};
 
@@ -144,6 +144,8 @@ impl ConsumerBuilder {
             .subscribe(Subscription::new(&self.topic, &self.group).with_prefetch(prefetch))
             .await?;
         let (stop_tx, stop_rx) = watch::channel(None);
+        let instruments =
+            ConsumerInstruments::new(self.subscriber.backend_name(), &self.topic, &self.group);
         let runtime = Arc::new(Runtime {
             handler,
             dead_letters: self.dead_letters,
@@ -151,6 +153,7 @@ impl ConsumerBuilder {
             group: self.group,
             retry: self.retry,
             metrics: self.metrics.clone(),
+            instruments,
         });
         tracing::info!(topic = %self.topic, group = %runtime.group, concurrency = self.concurrency, "consumer started");
         let task = tokio::spawn(runtime.run(stream, self.concurrency, prefetch, stop_rx));
@@ -205,6 +208,8 @@ struct Runtime {
     group: String,
     retry: Backoff,
     metrics: Arc<Metrics>,
+    /// The labelled metrics (feature `metrics`).
+    instruments: ConsumerInstruments,
 }
 
 type StopSignal = watch::Receiver<Option<Duration>>;
@@ -320,6 +325,9 @@ impl Runtime {
                 correlation_id = message.correlation_id().unwrap_or_default(),
                 traceparent = message.traceparent().unwrap_or_default(),
             );
+            // The handle span continues the publisher's trace.
+            #[cfg(feature = "otel")]
+            crate::otel::set_parent(&span, message);
             self.handle(received, acker, stop.clone())
                 .instrument(span)
                 .await;
@@ -332,15 +340,20 @@ impl Runtime {
         let mut delays = None;
         received.attempt = 1;
         loop {
-            let error = match call_handler(&*self.handler, received.clone()).await {
+            let started = std::time::Instant::now();
+            let outcome = call_handler(&*self.handler, received.clone()).await;
+            self.instruments.attempt(started.elapsed(), outcome.is_ok());
+            let error = match outcome {
                 Ok(()) => {
                     self.metrics.add_handled();
+                    self.instruments.handled();
                     settle(acker.ack(), "ack").await;
                     return;
                 }
                 Err(e) => e,
             };
             self.metrics.add_failed();
+            self.instruments.failed(error.kind());
             let delay = match error.kind().is_retryable() {
                 true => delays.get_or_insert_with(|| self.retry.delays()).next(),
                 false => None,
@@ -358,6 +371,7 @@ impl Runtime {
                 }
             }
             self.metrics.add_retried();
+            self.instruments.retried();
             received.attempt += 1;
         }
     }
@@ -420,6 +434,7 @@ impl Runtime {
         match published {
             Ok(()) => {
                 self.metrics.add_dead_lettered();
+                self.instruments.dead_lettered();
                 settle(acker.ack(), "ack").await;
             }
             Err(e) => {

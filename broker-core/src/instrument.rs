@@ -7,12 +7,16 @@ use tracing::Instrument;
 
 use crate::error::Result;
 use crate::message::Message;
-use crate::metrics::Metrics;
+use crate::metrics::{record_published, Metrics};
 use crate::{Health, Publisher};
 
-/// Wraps any publisher: starts a W3C trace on messages that carry none (so
-/// the consumer's span joins the publisher's), opens a `publish` span with
-/// topic, message id and correlation id, and counts accepted messages.
+/// Wraps any publisher: opens a `publish` span with topic, message id,
+/// correlation id and `traceparent`, gives messages that carry no
+/// `traceparent` one (so the consumer's span joins the publisher's trace:
+/// with the `otel` feature, the `publish` span's OpenTelemetry context, see
+/// [`crate::otel`]; otherwise a new W3C trace), and counts accepted
+/// messages ([`Metrics`], and with the `metrics` feature
+/// [`crate::metrics::names::PUBLISHED`] labelled by topic and backend).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> broker_core::Result<()> {
@@ -44,40 +48,59 @@ impl<P: Publisher> Instrumented<P> {
     pub fn inner(&self) -> &P {
         &self.inner
     }
+
+    fn count_published(&self, topic: &str, n: u64) {
+        self.metrics.add_published(n);
+        record_published(self.inner.backend_name(), topic, n);
+    }
+}
+
+/// Gives `message` a `traceparent` if it has none: the OpenTelemetry
+/// context of `span` (feature `otel`, when the span has one), else a new
+/// trace.
+fn trace_context(span: &tracing::Span, message: &mut Message) {
+    #[cfg(feature = "otel")]
+    crate::otel::inject_span(span, message);
+    #[cfg(not(feature = "otel"))]
+    let _ = span;
+    message.ensure_traceparent();
 }
 
 #[async_trait]
 impl<P: Publisher> Publisher for Instrumented<P> {
     async fn publish(&self, topic: &str, mut message: Message) -> Result<()> {
-        message.ensure_traceparent();
         let span = tracing::info_span!(
             "publish",
             topic,
             message_id = %message.id(),
             correlation_id = message.correlation_id().unwrap_or_default(),
-            traceparent = message.traceparent().unwrap_or_default(),
+            traceparent = tracing::field::Empty,
         );
+        trace_context(&span, &mut message);
+        span.record("traceparent", message.traceparent().unwrap_or_default());
         let result = self.inner.publish(topic, message).instrument(span).await;
         match &result {
-            Ok(()) => self.metrics.add_published(1),
+            Ok(()) => self.count_published(topic, 1),
             Err(e) => tracing::warn!(topic, error = %e, "publish failed"),
         }
         result
     }
 
     async fn publish_batch(&self, topic: &str, mut messages: Vec<Message>) -> Result<()> {
-        messages.iter_mut().for_each(Message::ensure_traceparent);
         let total = messages.len() as u64;
         let span = tracing::info_span!("publish_batch", topic, size = total);
+        for message in &mut messages {
+            trace_context(&span, message);
+        }
         let result = self
             .inner
             .publish_batch(topic, messages)
             .instrument(span)
             .await;
         match &result {
-            Ok(()) => self.metrics.add_published(total),
+            Ok(()) => self.count_published(topic, total),
             Err(crate::BrokerError::Batch { failed, .. }) => {
-                self.metrics.add_published(total - failed.len() as u64)
+                self.count_published(topic, total - failed.len() as u64)
             }
             Err(_) => {}
         }
@@ -89,6 +112,10 @@ impl<P: Publisher> Publisher for Instrumented<P> {
 
     fn max_message_bytes(&self) -> usize {
         self.inner.max_message_bytes()
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
     }
 
     async fn health(&self) -> Health {

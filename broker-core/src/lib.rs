@@ -53,6 +53,8 @@ pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod migrate;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod topic;
 
 #[cfg(feature = "testkit")]
@@ -109,6 +111,12 @@ pub trait Publisher: Send + Sync {
     /// Largest message (payload, key and headers) this publisher accepts.
     fn max_message_bytes(&self) -> usize;
 
+    /// The backend's name (`kafka`, `rabbitmq`, `memory`): the `backend`
+    /// label of the metrics. Layers give their inner publisher's.
+    fn backend_name(&self) -> &'static str {
+        "unknown"
+    }
+
     /// Round trip to the broker.
     async fn health(&self) -> Health;
 
@@ -128,6 +136,12 @@ pub trait Subscriber: Send + Sync {
 
     /// Round trip to the broker.
     async fn health(&self) -> Health;
+
+    /// The backend's name (`kafka`, `rabbitmq`, `memory`): the `backend`
+    /// label of the consumer's metrics.
+    fn backend_name(&self) -> &'static str {
+        "unknown"
+    }
 }
 
 /// What to subscribe to.
@@ -168,6 +182,9 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     fn max_message_bytes(&self) -> usize {
         (**self).max_message_bytes()
     }
+    fn backend_name(&self) -> &'static str {
+        (**self).backend_name()
+    }
     async fn health(&self) -> Health {
         (**self).health().await
     }
@@ -183,6 +200,9 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
     async fn health(&self) -> Health {
         (**self).health().await
+    }
+    fn backend_name(&self) -> &'static str {
+        (**self).backend_name()
     }
 }
 

@@ -336,6 +336,10 @@ impl Publisher for MemoryBroker {
         self.inner.max_message_bytes
     }
 
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
     async fn health(&self) -> Health {
         match self.check_open() {
             Ok(()) => Health::Healthy,
@@ -399,6 +403,10 @@ impl Subscriber for MemoryBroker {
 
     async fn health(&self) -> Health {
         Health::Healthy
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
     }
 }
 

@@ -101,6 +101,11 @@ impl<P: Publisher, S: Publisher> Publisher for DualPublisher<P, S> {
         self.combine(topic, p, s)
     }
 
+    /// The primary's: the broker every publish reaches.
+    fn backend_name(&self) -> &'static str {
+        self.primary.backend_name()
+    }
+
     /// The smaller of the two limits: a message must fit both.
     fn max_message_bytes(&self) -> usize {
         self.primary

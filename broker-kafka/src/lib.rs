@@ -588,6 +588,10 @@ impl Publisher for KafkaBroker {
         self.inner.max_message_bytes
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     async fn health(&self) -> Health {
         self.health_check().await
     }
@@ -632,5 +636,9 @@ impl Subscriber for KafkaBroker {
 
     async fn health(&self) -> Health {
         self.health_check().await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND
     }
 }

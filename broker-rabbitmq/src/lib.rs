@@ -737,6 +737,10 @@ impl Publisher for RabbitMqBroker {
         publish::publish_batch(&self.inner, topic, messages).await
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     /// The library's limit (default 16 MiB), or the broker's
     /// `max_message_size` once a refusal told it, whichever is lower.
     fn max_message_bytes(&self) -> usize {
@@ -764,5 +768,9 @@ impl Subscriber for RabbitMqBroker {
 
     async fn health(&self) -> Health {
         self.inner.health().await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND
     }
 }

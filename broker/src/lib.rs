@@ -20,6 +20,7 @@
 //! | `rabbitmq-native-tls` | + `amqps://` on the platform's TLS (OpenSSL on Linux) |
 //! | `testkit` | [`testkit`]: the backends' conformance suite and test helpers |
 //! | `cli` | [`cli`]: the operator's tool, binary `broker-cli` (clap, indicatif) |
+//! | `otel` | `otel`: W3C trace context from the current span into published messages, and into the handle span as its parent (OpenTelemetry) |
 //! | `app` | [`App`]: the application runtime (default) |
 //!
 //! The in-memory broker is always there. A configuration that needs a
@@ -118,6 +119,10 @@ pub use broker_core::{
 pub use broker_core::{Backoff, BrokerError, Metrics, MetricsSnapshot, Result};
 // Brokers and the rest of the core, by module.
 pub use broker_core::{config, instrument, message, migrate, topic, MemoryBroker};
+
+/// OpenTelemetry trace context on messages (feature `otel`).
+#[cfg(feature = "otel")]
+pub use broker_core::otel;
 
 /// The conformance suite and test helpers (feature `testkit`).
 #[cfg(feature = "testkit")]

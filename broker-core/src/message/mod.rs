@@ -27,6 +27,10 @@ pub mod header {
     pub const CORRELATION_ID: &str = "correlation-id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state, vendor data that goes with `traceparent`. Carried as
+    /// an ordinary header (written by the `otel` feature when the span's
+    /// context has one).
+    pub const TRACESTATE: &str = "tracestate";
     /// The content type on Kafka (RabbitMQ has the `content_type` property).
     pub const CONTENT_TYPE: &str = "content-type";
     /// Creation time in milliseconds since the Unix epoch.
@@ -323,6 +327,12 @@ impl Message {
             + self.fields.content_type.as_ref().map_or(0, String::len)
             + self.fields.correlation_id.as_ref().map_or(0, String::len)
             + self.fields.traceparent.as_ref().map_or(0, String::len)
+    }
+
+    /// Sets the W3C `traceparent` in place.
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
+    pub(crate) fn set_traceparent(&mut self, traceparent: String) {
+        self.fields_mut().traceparent = Some(traceparent);
     }
 
     /// Starts a trace for this message if it carries none, so the consumer's
