@@ -15,7 +15,8 @@
 //!
 //! `APP_ADDR` is where it listens (default `127.0.0.1:8080`), `APP_NAME`
 //! names the consumer groups (default `example-app`). SIGTERM or ctrl-c
-//! stops it: in-flight messages are drained within 30 s.
+//! stops it: in-flight messages are drained within 30 s. Logs follow
+//! `RUST_LOG`, with lapin's frame log always off.
 
 use std::sync::Arc;
 
@@ -26,6 +27,12 @@ use examples::server::{self, Ledger, MODULES};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `RUST_LOG` as usual (default `info`), never lapin's frame log: at TRACE
+    // it prints the login (broker::rabbitmq::LAPIN_LOG_DIRECTIVE).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(broker::rabbitmq::LAPIN_LOG_DIRECTIVE.parse()?);
+    tracing_subscriber::fmt().with_env_filter(filter).init();
     let addr = std::env::var("APP_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let name = std::env::var("APP_NAME").unwrap_or_else(|_| "example-app".into());
     let app = App::from_env(MODULES).await?;
