@@ -73,6 +73,30 @@ impl KafkaBroker {
             .await
             .map_err(|e| BrokerError::backend(BACKEND, e))?
     }
+
+    /// Reads the lag of `group` on `topic` ([`KafkaBroker::consumer_lag`])
+    /// and sets the `broker_consumer_lag` gauge (labels `topic`, `group`,
+    /// `backend="kafka"`) to its total; returns the total. Call it
+    /// periodically (every 15 to 60 s) for the groups an app consumes in.
+    /// The gauge is recorded with the `metrics` feature of `broker-core`
+    /// (the facade's `metrics` or `prometheus`); without it this only reads.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: broker_kafka::KafkaBroker) -> broker_core::Result<()> {
+    /// let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+    /// loop {
+    ///     every.tick().await;
+    ///     if let Err(e) = broker.record_consumer_lag("billing-group", "billing.credits.granted").await {
+    ///         tracing::warn!(error = %e, "consumer lag not read");
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn record_consumer_lag(&self, group: &str, topic: &str) -> Result<i64> {
+        let total = total_lag(&self.consumer_lag(group, topic).await?);
+        broker_core::metrics::record_consumer_lag(BACKEND, topic, group, total.max(0) as u64);
+        Ok(total)
+    }
 }
 
 fn lag_blocking(

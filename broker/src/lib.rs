@@ -21,6 +21,8 @@
 //! | `testkit` | [`testkit`]: the backends' conformance suite and test helpers |
 //! | `cli` | [`cli`]: the operator's tool, binary `broker-cli` (clap, indicatif) |
 //! | `otel` | `otel`: W3C trace context from the current span into published messages, and into the handle span as its parent (OpenTelemetry) |
+//! | `metrics` | the labelled metrics of [`metrics::names`] through the `metrics` facade |
+//! | `prometheus` | + `prometheus`: a Prometheus recorder and the text for `/metrics` |
 //! | `app` | [`App`]: the application runtime (default) |
 //!
 //! The in-memory broker is always there. A configuration that needs a
@@ -120,9 +122,16 @@ pub use broker_core::{Backoff, BrokerError, Metrics, MetricsSnapshot, Result};
 // Brokers and the rest of the core, by module.
 pub use broker_core::{config, instrument, message, migrate, topic, MemoryBroker};
 
+/// Counters, the names of the labelled metrics (feature `metrics`) and the
+/// consumer-lag gauge.
+pub use broker_core::metrics;
+
 /// OpenTelemetry trace context on messages (feature `otel`).
 #[cfg(feature = "otel")]
 pub use broker_core::otel;
+/// Prometheus exporter (feature `prometheus`).
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 
 /// The conformance suite and test helpers (feature `testkit`).
 #[cfg(feature = "testkit")]

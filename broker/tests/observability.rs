@@ -1,10 +1,11 @@
 //! Observability across a real broker: OpenTelemetry trace context from the
-//! publisher's span to the handle span (feature `otel`). Memory always;
+//! publisher's span to the handle span (feature `otel`), and the labelled
+//! metrics after publish and handle (feature `metrics`). Memory always;
 //! Kafka and RabbitMQ against the test brokers (`KAFKA_BROKERS`,
 //! `RABBITMQ_URL`; `bash scripts/test.sh` starts both), skipped when
 //! `BROKER_TEST_BACKENDS` leaves them out.
 
-#![cfg(feature = "otel")]
+#![cfg(any(feature = "otel", feature = "metrics"))]
 
 use std::time::Duration;
 
@@ -219,5 +220,255 @@ mod trace {
         if backend_selected("kafka") {
             trace_crosses("kafka").await;
         }
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod labelled_metrics {
+    use super::*;
+
+    use broker::metrics::names;
+    use broker::{HandlerError, Message, MetricsSnapshot, Publisher, Received};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::MetricKind;
+
+    /// One metric's kind, name, sorted labels and value.
+    type Row = (MetricKind, String, Vec<(String, String)>, DebugValue);
+
+    /// Publishes `ok`, `flaky` (fails once, then succeeds) and `bad`
+    /// (permanent failure: dead-lettered) on `backend` with a local
+    /// recorder, returning what it recorded and the consumer's counters.
+    fn run(backend: &'static str, topic: &str, group: &str) -> (Vec<Row>, MetricsSnapshot) {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Current-thread runtime inside the local recorder's scope: every
+        // task of the consumer records into it.
+        let counters = metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let brokers = connect(backend).await;
+                let endpoints = endpoints(&brokers);
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let flaky_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let consumer = endpoints
+                    .consumer(topic, group)
+                    .retry(broker_core::testkit::fast_retry(3))
+                    .handler(move |received: Received| {
+                        let tx = tx.clone();
+                        let flaky_failed = flaky_failed.clone();
+                        async move {
+                            let body = String::from_utf8(received.message.payload().to_vec())
+                                .expect("utf-8 payload");
+                            let result = match body.as_str() {
+                                "bad" => Err(HandlerError::permanent("refused for good")),
+                                "flaky"
+                                    if !flaky_failed
+                                        .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+                                {
+                                    Err(HandlerError::retryable("try again"))
+                                }
+                                _ => Ok(()),
+                            };
+                            tx.send(format!("{body}:{}", result.is_ok())).unwrap();
+                            result
+                        }
+                    })
+                    .start()
+                    .await
+                    .expect("consumer starts");
+                for body in ["ok", "flaky", "bad"] {
+                    endpoints
+                        .publisher
+                        .publish(topic, Message::new(body).with_key("k"))
+                        .await
+                        .expect("publish");
+                }
+                // ok, flaky (failed), flaky (retried), bad.
+                let seen = take(&mut rx, 4).await;
+                assert!(seen.contains(&"flaky:true".to_owned()), "{seen:?}");
+                // The dead letter is published after the handler returned.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while consumer.metrics().dead_lettered == 0 {
+                    assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let counters = consumer.metrics();
+                consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+                brokers.close().await.unwrap();
+                counters
+            })
+        });
+        let rows = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let (kind, key) = key.into_parts();
+                let mut labels: Vec<(String, String)> = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                labels.sort();
+                (kind, key.name().to_owned(), labels, value)
+            })
+            .collect();
+        (rows, counters)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut l: Vec<_> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.sort();
+        l
+    }
+
+    fn value<'a>(rows: &'a [Row], name: &str, want: &[(String, String)]) -> &'a DebugValue {
+        rows.iter()
+            .find(|(_, n, l, _)| n == name && l == want)
+            .map(|(_, _, _, v)| v)
+            .unwrap_or_else(|| panic!("no {name} {want:?} in {rows:#?}"))
+    }
+
+    fn counters_and_histogram_carry_their_labels(backend: &'static str) {
+        let topic = unique(&format!("obs.metrics.{backend}"));
+        let group = unique("counted");
+        let (rows, counters) = run(backend, &topic, &group);
+        let consumer = [
+            ("topic", topic.as_str()),
+            ("group", group.as_str()),
+            ("backend", backend),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut all = consumer.to_vec();
+            all.extend_from_slice(extra);
+            labels(&all)
+        };
+        let published = labels(&[("topic", topic.as_str()), ("backend", backend)]);
+        assert_eq!(
+            value(&rows, names::PUBLISHED, &published),
+            &DebugValue::Counter(3)
+        );
+        assert_eq!(
+            value(&rows, names::HANDLED, &with(&[])),
+            &DebugValue::Counter(2)
+        );
+        assert_eq!(
+            value(&rows, names::FAILED, &with(&[("kind", "handler")])),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            value(&rows, names::FAILED, &with(&[("kind", "permanent")])),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            value(&rows, names::RETRIED, &with(&[])),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            value(&rows, names::DEAD_LETTERED, &with(&[])),
+            &DebugValue::Counter(1)
+        );
+        // One observation per handler attempt: ok + flaky's retry succeed,
+        // flaky's first attempt and bad fail.
+        for (outcome, attempts) in [("ok", 2), ("error", 2)] {
+            match value(
+                &rows,
+                names::HANDLE_DURATION,
+                &with(&[("outcome", outcome)]),
+            ) {
+                DebugValue::Histogram(seconds) => {
+                    assert_eq!(seconds.len(), attempts, "{outcome}: {seconds:?}");
+                    assert!(seconds.iter().all(|s| s.0 >= 0.0 && s.0 < 30.0));
+                }
+                other => panic!("{} is a {other:?}", names::HANDLE_DURATION),
+            }
+        }
+        // The unlabelled counters of the consumer say the same.
+        assert_eq!(
+            counters,
+            MetricsSnapshot {
+                published: 0,
+                handled: 2,
+                failed: 2,
+                retried: 1,
+                dead_lettered: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn memory_counters_and_histogram_carry_their_labels() {
+        counters_and_histogram_carry_their_labels("memory");
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[test]
+    fn rabbitmq_counters_and_histogram_carry_their_labels() {
+        if backend_selected("rabbitmq") {
+            counters_and_histogram_carry_their_labels("rabbitmq");
+        }
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn kafka_consumer_lag_gauge_carries_its_labels() {
+        if !backend_selected("kafka") {
+            return;
+        }
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let topic = unique("obs.lag");
+        let group = unique("lagging");
+        let total = metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let brokers = connect("kafka").await;
+                let endpoints = endpoints(&brokers);
+                for i in 0..3 {
+                    endpoints
+                        .publisher
+                        .publish(&topic, Message::new(format!("m{i}")))
+                        .await
+                        .expect("publish");
+                }
+                let total = brokers
+                    .kafka()
+                    .unwrap()
+                    .record_consumer_lag(&group, &topic)
+                    .await
+                    .expect("lag");
+                brokers.close().await.unwrap();
+                total
+            })
+        });
+        let rows = snapshotter.snapshot().into_vec();
+        let gauge = rows
+            .iter()
+            .find(|(key, ..)| key.key().name() == names::CONSUMER_LAG)
+            .unwrap_or_else(|| panic!("no {} in {rows:#?}", names::CONSUMER_LAG));
+        let mut got: Vec<(String, String)> = gauge
+            .0
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            labels(&[
+                ("topic", topic.as_str()),
+                ("group", group.as_str()),
+                ("backend", "kafka")
+            ])
+        );
+        assert_eq!(gauge.3, DebugValue::Gauge((total as f64).into()));
     }
 }
