@@ -35,6 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let addr = std::env::var("APP_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let name = std::env::var("APP_NAME").unwrap_or_else(|_| "example-app".into());
+    // Before any consumer starts: they register their metrics when they do.
+    broker::prometheus::install()?;
     let app = App::from_env(MODULES).await?;
     for module in MODULES {
         println!("{module}: {}", app.brokers().config().route(module));

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use broker::app::HealthReport;
@@ -204,8 +205,19 @@ async fn health(State(c): State<Ctx>) -> (StatusCode, Json<HealthReport>) {
     )
 }
 
-async fn metrics(State(c): State<Ctx>) -> String {
-    c.status.prometheus_text()
+/// The library's metrics (`broker::prometheus`: per topic, group and
+/// backend, with the handle latency histogram; recorded once the app called
+/// `broker::prometheus::install()`), then the runtime's per-consumer view.
+async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
+    let body = format!(
+        "{}{}",
+        broker::prometheus::render(),
+        c.status.prometheus_text()
+    );
+    (
+        [(header::CONTENT_TYPE, broker::prometheus::CONTENT_TYPE)],
+        body,
+    )
 }
 
 /// 422 for an event that fails validation, 503 when the broker did not take it.

@@ -57,6 +57,8 @@ async fn server_works_on(kind: BrokerKind) {
         CreditsProcess::new(&name).with_topic_prefix(&prefix),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // As the app does at startup, before its consumers register their metrics.
+    broker::prometheus::install().expect("Prometheus recorder");
     let app = App::with_brokers(brokers.clone(), MODULES)
         .unwrap()
         .shutdown_signal(async move {
@@ -157,6 +159,19 @@ async fn server_works_on(kind: BrokerKind) {
         names.1.end_topic, names.1.end_group
     );
     assert!(metrics.contains(&line), "{kind}: {metrics}");
+    // The library's own metrics, labelled by topic, group and backend.
+    let topic = format!("topic=\"{}\"", names.1.end_topic);
+    for name in [
+        "broker_messages_handled_total{",
+        "broker_handle_duration_seconds_bucket{",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(&topic)),
+            "{kind}: no {name}..{topic}: {metrics}"
+        );
+    }
 
     // Shut down while a debit is in flight: it is drained.
     let res = http
