@@ -33,6 +33,8 @@ use crate::{Publisher, Subscriber, Subscription};
 const DROP_DEADLINE: Duration = Duration::from_secs(30);
 /// Extra time `shutdown` allows for closing the subscription after the deadline.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
+/// Default of [`ConsumerBuilder::delivery_limit`].
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 
 /// Entry point of the runtime; see [`Consumer::builder`].
 pub struct Consumer;
@@ -72,6 +74,7 @@ impl Consumer {
             retry: Backoff::retry_default(),
             concurrency: 1,
             prefetch: None,
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
             metrics: Arc::default(),
         }
     }
@@ -89,6 +92,7 @@ pub struct ConsumerBuilder {
     retry: Backoff,
     concurrency: usize,
     prefetch: Option<usize>,
+    delivery_limit: Option<u32>,
     metrics: Arc<Metrics>,
 }
 
@@ -124,6 +128,32 @@ impl ConsumerBuilder {
         self.prefetch = Some(prefetch.max(1));
         self
     }
+    /// Most deliveries of one message that may end unsettled (default
+    /// [`DEFAULT_DELIVERY_LIMIT`], at least 1). A message the broker has
+    /// already delivered `limit` times without it being acknowledged (the
+    /// consumer process crashed, was killed or stopped while it was in
+    /// flight) goes to the dead-letter topic on its next delivery without
+    /// calling the handler, with `x-dlq-error-kind: delivery-limit` and
+    /// `x-dlq-attempts` = `limit`: a message that kills the process cannot
+    /// loop forever. The count survives restarts: each backend keeps it
+    /// with the broker (see the README, "Delivery limit").
+    ///
+    /// ```
+    /// # use broker_core::{Consumer, MemoryBroker, Received};
+    /// let builder = Consumer::builder(MemoryBroker::new(), "demo.credits.granted", "ledger")
+    ///     .delivery_limit(3)
+    ///     .handler(|_m: Received| async { Ok(()) });
+    /// ```
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit.max(1));
+        self
+    }
+    /// No delivery limit: a message that keeps crashing the consumer is
+    /// delivered again forever.
+    pub fn without_delivery_limit(mut self) -> Self {
+        self.delivery_limit = None;
+        self
+    }
     /// Counters to update (default: a fresh set, see [`ConsumerHandle::metrics`]).
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
@@ -152,6 +182,7 @@ impl ConsumerBuilder {
             dead_letter_topic: self.dead_letter_topic,
             group: self.group,
             retry: self.retry,
+            delivery_limit: self.delivery_limit,
             metrics: self.metrics.clone(),
             instruments,
         });
@@ -207,6 +238,7 @@ struct Runtime {
     dead_letter_topic: String,
     group: String,
     retry: Backoff,
+    delivery_limit: Option<u32>,
     metrics: Arc<Metrics>,
     /// The labelled metrics (feature `metrics`).
     instruments: ConsumerInstruments,
@@ -338,7 +370,22 @@ impl Runtime {
     async fn handle(&self, mut received: Received, acker: Box<dyn Acker>, mut stop: StopSignal) {
         // Made at the first failure: most messages never need it.
         let mut delays = None;
-        received.attempt = 1;
+        // The backend counts the earlier deliveries it knows of.
+        received.attempt = received.attempt.max(1);
+        let earlier = received.attempt - 1;
+        if self.delivery_limit.is_some_and(|limit| earlier >= limit) {
+            received.attempt = earlier;
+            let error = HandlerError::new(
+                FailureKind::DeliveryLimit,
+                format!(
+                    "delivered {earlier} times without being settled: the consumer crashed, \
+                     was killed or stopped while handling it"
+                ),
+            );
+            self.metrics.add_failed();
+            self.instruments.failed(error.kind());
+            return self.dead_letter(received, error, acker, stop).await;
+        }
         loop {
             let started = std::time::Instant::now();
             let outcome = call_handler(&*self.handler, received.clone()).await;

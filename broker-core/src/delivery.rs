@@ -21,7 +21,11 @@ pub struct Received {
     pub partition: Option<i32>,
     /// Kafka offset, where the backend has offsets.
     pub offset: Option<i64>,
-    /// Which attempt of the handler this is (1 for the first).
+    /// Which attempt this is (1 for the first): 1 + the earlier deliveries
+    /// the broker counted (a consumer that crashed or stopped with the
+    /// message in flight), + the runtime's in-place retries. Backends set
+    /// it from their delivery count; see
+    /// [`crate::ConsumerBuilder::delivery_limit`].
     pub attempt: u32,
 }
 

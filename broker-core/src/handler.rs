@@ -44,6 +44,10 @@ pub enum FailureKind {
     Validation,
     /// The handler panicked: retried like an ordinary error.
     Panic,
+    /// The broker delivered the message more often than the consumer's
+    /// delivery limit without it being settled (the consumer kept crashing
+    /// on it): dead-lettered without calling the handler.
+    DeliveryLimit,
 }
 
 impl FailureKind {
@@ -59,6 +63,7 @@ impl FailureKind {
             FailureKind::Decode => "decode",
             FailureKind::Validation => "validation",
             FailureKind::Panic => "panic",
+            FailureKind::DeliveryLimit => "delivery-limit",
         }
     }
 }

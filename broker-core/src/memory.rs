@@ -110,7 +110,7 @@ impl QueueState {
             }
         }
         if requeue {
-            pending.redelivered = true;
+            pending.returned += 1;
             self.ready.push_front(pending);
         }
         Ok(())
@@ -152,7 +152,7 @@ impl QueueState {
             .collect();
         for tag in held.into_iter().rev() {
             if let Some((mut pending, _)) = self.unacked.remove(&tag) {
-                pending.redelivered = true;
+                pending.returned += 1;
                 self.ready.push_front(pending);
             }
         }
@@ -206,7 +206,9 @@ impl GroupQueue {
 #[derive(Clone)]
 struct Pending {
     message: Message,
-    redelivered: bool,
+    /// Times it went back to the queue unsettled (nack with requeue, or
+    /// its holder's stream closed): the delivery count of quorum queues.
+    returned: u32,
 }
 
 /// Options for [`MemoryBroker`].
@@ -291,7 +293,7 @@ impl MemoryBroker {
             queue.update(|q| {
                 q.ready.push_back(Pending {
                     message: message.clone(),
-                    redelivered: false,
+                    returned: 0,
                 });
                 q.dispatch();
             });
@@ -375,7 +377,7 @@ impl Subscriber for MemoryBroker {
                         .iter()
                         .map(|m| Pending {
                             message: m.clone(),
-                            redelivered: false,
+                            returned: 0,
                         })
                         .collect();
                     Arc::new(queue)
@@ -445,10 +447,10 @@ impl MemoryStream {
             Received {
                 message: pending.message,
                 topic: self.topic.clone(),
-                redelivered: pending.redelivered,
+                redelivered: pending.returned > 0,
                 partition: None,
                 offset: None,
-                attempt: 1,
+                attempt: pending.returned.saturating_add(1),
             },
             Box::new(MemoryAcker {
                 queue: self.queue.clone(),

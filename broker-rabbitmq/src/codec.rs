@@ -303,6 +303,26 @@ fn decode_headers(user: Vec<(&str, &AMQPValue)>, order: Option<&AMQPValue>) -> H
     headers
 }
 
+/// How often the queue delivered this message before without it being
+/// settled: quorum queues' `x-delivery-count` (returned by a nack with
+/// requeue, or with the channel of a consumer that stopped or crashed).
+/// Classic queues keep no count: 1 when redelivered, else 0.
+pub(crate) fn earlier_deliveries(props: &BasicProperties, redelivered: bool) -> u32 {
+    let counted = props
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get("x-delivery-count"))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+            _ => None,
+        });
+    counted.unwrap_or(u32::from(redelivered))
+}
+
 /// Rebuilds the message from a delivery's properties and body.
 pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
     let mut user = Vec::new();

@@ -25,7 +25,9 @@
 //!   (`cli-dlq`, the group of the CLI's `dlq list` / `dlq replay`), so the
 //!   tooling sees every letter since the topic's first subscription, as it
 //!   did when every reader shared the archive.
-//! - Queue type: classic (default) or quorum ([`QueueType`]); queue expiry
+//! - Queue type: quorum (default: they count deliveries, which the
+//!   consumer's delivery limit needs) or classic ([`QueueType`],
+//!   `RABBITMQ_QUEUE_TYPE`); queue expiry
 //!   ([`RabbitMqBuilder::queue_expiry`], `RABBITMQ_QUEUE_EXPIRY_MS`).
 //!
 //! Declarations are idempotent. A queue that exists with other arguments
@@ -116,10 +118,14 @@ pub const DEAD_LETTER_GROUP: &str = "cli-dlq";
 /// RabbitMQ's queue types this backend declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
-    /// Classic queues (RabbitMQ's default).
-    #[default]
+    /// Classic queues. They keep no delivery count (only a `redelivered`
+    /// flag), so the consumer's delivery limit sees at most one earlier
+    /// delivery: a message that crashes the consumer loops.
     Classic,
-    /// Replicated quorum queues (durable by design; for clusters).
+    /// Quorum queues (the default): durable, replicated in a cluster, and
+    /// they count deliveries (`x-delivery-count`), which the consumer's
+    /// delivery limit uses to dead-letter a message that keeps crashing it.
+    #[default]
     Quorum,
 }
 
@@ -156,8 +162,11 @@ impl RabbitMqBuilder {
         self.exchange = name.into();
         self
     }
-    /// Type of the queues declared (default [`QueueType::Classic`]).
-    /// Existing queues keep their type: declaring another is an error.
+    /// Type of the queues declared (default [`QueueType::Quorum`];
+    /// `RABBITMQ_QUEUE_TYPE`). Existing queues keep their type: declaring
+    /// another is an error naming the queue, so a deployment whose queues
+    /// were declared classic (the default before 0.2) sets
+    /// [`QueueType::Classic`] or moves its queues.
     pub fn queue_type(mut self, queue_type: QueueType) -> Self {
         self.queue_type = queue_type;
         self
@@ -357,17 +366,20 @@ impl RabbitMqBroker {
     }
 
     /// Options from the library's configuration ([`broker_core::config::BrokerConfig`]):
-    /// URL, required groups, queue expiry and alternate exchange.
+    /// URL, required groups, queue expiry, alternate exchange and queue type.
     pub fn builder_from(settings: &RabbitMqSettings) -> RabbitMqBuilder {
         RabbitMqBuilder {
             url: settings.url().clone(),
             exchange: "broker.events".into(),
-            queue_type: QueueType::default(),
             reconnect: Backoff::reconnect_default(),
             max_message_bytes: 16 * 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(15),
             queue_expiry: settings.queue_expiry(),
+            queue_type: match settings.classic_queues() {
+                true => QueueType::Classic,
+                false => QueueType::Quorum,
+            },
             required_groups: settings.required_groups().clone(),
             alternate_exchange: settings.alternate_exchange().map(str::to_owned),
             connection_name: None,

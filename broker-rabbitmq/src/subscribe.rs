@@ -59,6 +59,8 @@ pub(crate) async fn subscribe(
 struct Live {
     channel: Channel,
     consumer: Consumer,
+    /// Still at prefetch 1 (see [`open`]).
+    cautious: bool,
 }
 
 async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
@@ -66,11 +68,15 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
     let opened = async {
         let queue = topology::declare_subscription(inner, &channel, &sub.topic, &sub.group).await?;
         inner.publisher.bound(&sub.topic);
-        let prefetch = u16::try_from(sub.prefetch.max(1)).unwrap_or(u16::MAX);
+        // Cautious start: one message at a time until the first delivery
+        // that is not a redelivery. What a crashed consumer left behind
+        // comes first; handled alone, a message that crashes the process
+        // again is the only one the queue counts another delivery for,
+        // instead of every prefetched neighbour (see `earlier_deliveries`).
         inner
             .bounded(
                 "basic qos",
-                channel.basic_qos(prefetch, BasicQosOptions::default()),
+                channel.basic_qos(1, BasicQosOptions::default()),
             )
             .await?;
         let tag = ShortString::from(format!("broker-{}", uuid::Uuid::new_v4().simple()));
@@ -88,7 +94,11 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
         Ok(consumer)
     };
     match opened.await {
-        Ok(consumer) => Ok(Live { channel, consumer }),
+        Ok(consumer) => Ok(Live {
+            channel,
+            consumer,
+            cautious: true,
+        }),
         Err(f) => {
             // Do not leave a half-set-up channel open.
             let _ = tokio::time::timeout(
@@ -131,6 +141,12 @@ async fn pump(
                 _ = tx.closed() => return cancel(&inner, live).await,
                 next = live.consumer.next() => match next {
                     Some(Ok(d)) => {
+                        if live.cautious && codec::earlier_deliveries(&d.properties, d.redelivered) == 0 {
+                            live.cautious = false;
+                            if let Err(f) = full_prefetch(&inner, &live.channel, sub.prefetch).await {
+                                break f.to_string();
+                            }
+                        }
                         let delivery = to_delivery(&topic, d, inner.options.operation_timeout, &closed);
                         if tx.send(Ok(delivery)).is_err() {
                             return cancel(&inner, live).await;
@@ -163,6 +179,17 @@ async fn pump(
     }
 }
 
+/// Raises the channel's prefetch from the cautious 1 to the subscription's.
+async fn full_prefetch(inner: &Inner, channel: &Channel, prefetch: usize) -> Result<(), Failure> {
+    let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
+    inner
+        .bounded(
+            "basic qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await
+}
+
 /// Cancels the consumer and closes its channel: RabbitMQ requeues what was
 /// delivered and not acked.
 async fn cancel(inner: &Inner, live: Live) {
@@ -191,6 +218,7 @@ fn to_delivery(
     timeout: Duration,
     closed: &Arc<AtomicBool>,
 ) -> Delivery {
+    let earlier = codec::earlier_deliveries(&d.properties, d.redelivered);
     let message = codec::decode(&d.properties, d.data);
     Delivery::new(
         Received {
@@ -199,7 +227,7 @@ fn to_delivery(
             redelivered: d.redelivered,
             partition: None,
             offset: None,
-            attempt: 1,
+            attempt: earlier.saturating_add(1),
         },
         Box::new(RabbitAcker {
             acker: d.acker,

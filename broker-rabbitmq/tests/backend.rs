@@ -59,7 +59,11 @@ async fn mismatched_queue_type_is_a_clear_error_and_the_broker_stays_usable() {
         return;
     }
     let topic = unique("rmq.mismatch");
-    let classic = common::broker().await;
+    let classic = common::builder()
+        .queue_type(QueueType::Classic)
+        .connect()
+        .await
+        .expect("connect");
     let held = classic
         .subscribe(Subscription::new(&topic, "g"))
         .await
@@ -116,6 +120,7 @@ async fn quorum_queues_roundtrip_and_redeliver() {
     first.nack(true).await.expect("nack");
     let again = stream.next().await.expect("delivery").expect("ok");
     assert!(again.received.redelivered);
+    assert_eq!(again.received.attempt, 2, "the queue counted one delivery");
     // Quorum queues add x-delivery-count; the message still reads back unchanged.
     assert_eq!(again.message(), &sent);
     again.ack().await.expect("ack");

@@ -654,6 +654,7 @@ fn ignored_vars<'a>(config: &BrokerConfig, get: &impl Fn(&str) -> Option<&'a str
             "RABBITMQ_REQUIRED_GROUPS",
             "RABBITMQ_QUEUE_EXPIRY_MS",
             "RABBITMQ_ALTERNATE_EXCHANGE",
+            "RABBITMQ_QUEUE_TYPE",
         ] {
             if get(var).is_some() {
                 let why = if get("RABBITMQ_ENABLED").is_some() {

@@ -11,6 +11,7 @@ use crate::topic::validate_topic;
 pub(super) const RABBITMQ_REQUIRED_GROUPS: &str = "RABBITMQ_REQUIRED_GROUPS";
 pub(super) const RABBITMQ_QUEUE_EXPIRY_MS: &str = "RABBITMQ_QUEUE_EXPIRY_MS";
 pub(super) const RABBITMQ_ALTERNATE_EXCHANGE: &str = "RABBITMQ_ALTERNATE_EXCHANGE";
+pub(super) const RABBITMQ_QUEUE_TYPE: &str = "RABBITMQ_QUEUE_TYPE";
 
 /// How to reach RabbitMQ, and what RabbitMQ needs to keep the promises the
 /// other backends keep on their own.
@@ -29,6 +30,7 @@ pub struct RabbitMqSettings {
     required_groups: RequiredGroups,
     queue_expiry: Option<Duration>,
     alternate_exchange: Option<String>,
+    classic_queues: bool,
 }
 
 /// A copy: lets `RabbitMqBroker::connect` take settings by value (as
@@ -48,7 +50,23 @@ impl RabbitMqSettings {
             required_groups: RequiredGroups::default(),
             queue_expiry: None,
             alternate_exchange: None,
+            classic_queues: false,
         }
+    }
+
+    /// Declares classic queues instead of quorum queues
+    /// (`RABBITMQ_QUEUE_TYPE=classic`): for queues an earlier version
+    /// declared classic. Classic queues keep no delivery count, so the
+    /// consumer's delivery limit cannot stop a message that keeps crashing
+    /// the consumer.
+    pub fn with_classic_queues(mut self) -> Self {
+        self.classic_queues = true;
+        self
+    }
+
+    /// True when classic queues are declared (default: quorum).
+    pub fn classic_queues(&self) -> bool {
+        self.classic_queues
     }
 
     /// The connection URL.
@@ -132,6 +150,18 @@ impl RabbitMqSettings {
         if let Some(name) = get(RABBITMQ_ALTERNATE_EXCHANGE) {
             settings.alternate_exchange = Some(name.to_owned());
         }
+        if let Some(kind) = get(RABBITMQ_QUEUE_TYPE) {
+            settings.classic_queues = match kind.trim().to_ascii_lowercase().as_str() {
+                "quorum" => false,
+                "classic" => true,
+                _ => {
+                    return Err(invalid(
+                        RABBITMQ_QUEUE_TYPE,
+                        &format!("`{kind}` is not a queue type: quorum or classic"),
+                    ))
+                }
+            };
+        }
         Ok(settings)
     }
 
@@ -166,6 +196,9 @@ impl RabbitMqSettings {
         }
         if let Some(ae) = &self.alternate_exchange {
             out += &format!(", alternate_exchange={ae}");
+        }
+        if self.classic_queues {
+            out += ", queue_type=classic";
         }
         out
     }
@@ -305,8 +338,13 @@ mod tests {
             ("RABBITMQ_REQUIRED_GROUPS", " a.b=g1, g2 ;c=g3;"),
             ("RABBITMQ_QUEUE_EXPIRY_MS", "60000"),
             ("RABBITMQ_ALTERNATE_EXCHANGE", "broker.unroutable"),
+            ("RABBITMQ_QUEUE_TYPE", "Classic"),
         ])
         .unwrap();
+        assert!(s.classic_queues());
+        assert!(!rabbit(&[]).unwrap().classic_queues(), "quorum by default");
+        let bad = rabbit(&[("RABBITMQ_QUEUE_TYPE", "stream")]).unwrap_err();
+        assert!(bad.to_string().contains("RABBITMQ_QUEUE_TYPE"), "{bad}");
         assert_eq!(s.required_groups().of("a.b"), ["g1", "g2"]);
         assert_eq!(s.required_groups().of("c"), ["g3"]);
         assert_eq!(s.queue_expiry(), Some(Duration::from_secs(60)));
