@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::context::ClientWatch;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, Producer};
 
@@ -146,4 +146,34 @@ async fn wait_for_metadata(
         }
     }
     Ok(())
+}
+
+/// The topic's `max.message.bytes` as the cluster reports it (the topic's
+/// own setting or the broker default it inherits), or `None` when the
+/// cluster does not answer within `timeout` or does not say.
+pub(crate) async fn topic_max_message_bytes(
+    admin: &AdminClient<ClientWatch>,
+    topic: &str,
+    timeout: Duration,
+) -> Option<usize> {
+    let options = AdminOptions::new().request_timeout(Some(timeout));
+    let resources = [ResourceSpecifier::Topic(topic)];
+    let described = tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        admin.describe_configs(&resources, &options),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    described
+        .into_iter()
+        .filter_map(Result::ok)
+        .find_map(|config| {
+            config
+                .get("max.message.bytes")?
+                .value
+                .as_deref()?
+                .parse()
+                .ok()
+        })
 }

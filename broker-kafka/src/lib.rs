@@ -54,6 +54,7 @@ mod codec;
 mod consumer;
 mod context;
 mod lag;
+mod refusal;
 mod tracker;
 
 pub use admin::TopicSpec;
@@ -88,6 +89,9 @@ struct Inner {
     known_topics: Mutex<HashSet<String>>,
     options: Options,
     max_message_bytes: usize,
+    /// librdkafka's `message.max.bytes`: the producer refuses larger
+    /// records before sending them.
+    client_limit: usize,
     message_timeout: Duration,
 }
 
@@ -225,6 +229,7 @@ impl KafkaBrokerBuilder {
                 known_topics: Mutex::new(HashSet::new()),
                 options,
                 max_message_bytes,
+                client_limit: limit,
                 message_timeout,
             }),
         };
@@ -448,7 +453,18 @@ impl KafkaBroker {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(self.produce_error(e)),
+                Err((e, _)) => {
+                    return Err(match e.rdkafka_error_code() {
+                        // librdkafka's own `message.max.bytes`, checked before sending.
+                        Some(code) if refusal::is_size_refusal(code) => {
+                            BrokerError::MessageTooLarge {
+                                size: message.encoded_len(),
+                                max: self.inner.client_limit,
+                            }
+                        }
+                        _ => refusal::produce_error(e, self.inner.message_timeout),
+                    });
+                }
             }
         }
     }
@@ -469,10 +485,23 @@ impl KafkaBroker {
             }))
     }
 
-    async fn delivered(&self, delivery: DeliveryFuture) -> Result<()> {
+    /// The delivery report of `message`, sent to `topic`. `limit` holds
+    /// the topic's limit once a size refusal of the same publish read it.
+    async fn delivered(
+        &self,
+        topic: &str,
+        message: &Message,
+        delivery: DeliveryFuture,
+        limit: &TopicLimit,
+    ) -> Result<()> {
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(self.produce_error(e)),
+            Ok(Err((e, _))) => Err(match e.rdkafka_error_code() {
+                Some(code) if refusal::is_size_refusal(code) => {
+                    self.size_refusal(code, topic, message, limit).await
+                }
+                _ => refusal::produce_error(e, self.inner.message_timeout),
+            }),
             Err(_canceled) => Err(BrokerError::backend(
                 BACKEND,
                 "the producer stopped before reporting the delivery",
@@ -480,24 +509,23 @@ impl KafkaBroker {
         }
     }
 
-    fn produce_error(&self, e: KafkaError) -> BrokerError {
-        match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => BrokerError::Timeout {
-                operation: "kafka publish",
-                after: self.inner.message_timeout,
-            },
-            Some(
-                code @ (RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::InvalidTopic),
-            ) => BrokerError::Rejected {
-                backend: BACKEND,
-                reason: code.to_string(),
-            },
-            _ => BrokerError::backend(BACKEND, e),
-        }
+    /// The broker refused `message` (or the record batch it was in) as
+    /// over `max.message.bytes`: [`BrokerError::MessageTooLarge`] with the
+    /// topic's limit, read from the cluster (one request per publish or
+    /// batch, only on this path); see [`refusal::size_refusal`].
+    async fn size_refusal(
+        &self,
+        code: RDKafkaErrorCode,
+        topic: &str,
+        message: &Message,
+        limit: &TopicLimit,
+    ) -> BrokerError {
+        let limit = *limit
+            .get_or_init(|| {
+                admin::topic_max_message_bytes(&self.inner.admin, topic, self.request_timeout())
+            })
+            .await;
+        refusal::size_refusal(code, topic, message.encoded_len(), limit)
     }
 
     async fn health_check(&self) -> Health {
@@ -508,6 +536,9 @@ impl KafkaBroker {
         }
     }
 }
+
+/// A topic's `max.message.bytes`, read at most once per publish call.
+type TopicLimit = tokio::sync::OnceCell<Option<usize>>;
 
 fn unavailable(e: BrokerError, attempts: u32, servers: &str) -> BrokerError {
     match e {
@@ -551,7 +582,8 @@ impl Publisher for KafkaBroker {
                 }
                 self.enqueue(topic, &message, deadline).await?
             };
-            self.delivered(delivery).await
+            self.delivered(topic, &message, delivery, &TopicLimit::new())
+                .await
         })
         .await
     }
@@ -574,12 +606,18 @@ impl Publisher for KafkaBroker {
                 pending.push(self.enqueue(topic, m, deadline).await);
             }
         }
-        let results = futures::future::join_all(pending.into_iter().map(|p| async move {
-            match p {
-                Ok(delivery) => self.by(deadline, self.delivered(delivery)).await,
-                Err(e) => Err(e),
-            }
-        }))
+        let limit = &TopicLimit::new();
+        let results = futures::future::join_all(pending.into_iter().zip(&messages).map(
+            |(p, m)| async move {
+                match p {
+                    Ok(delivery) => {
+                        self.by(deadline, self.delivered(topic, m, delivery, limit))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        ))
         .await;
         batch_result(results)
     }
