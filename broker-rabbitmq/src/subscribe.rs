@@ -59,6 +59,7 @@ pub(crate) async fn subscribe(
 struct Live {
     channel: Channel,
     consumer: Consumer,
+    queue: String,
     /// Still at prefetch 1 (see [`open`]).
     cautious: bool,
 }
@@ -73,30 +74,14 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
         // comes first; handled alone, a message that crashes the process
         // again is the only one the queue counts another delivery for,
         // instead of every prefetched neighbour (see `earlier_deliveries`).
-        inner
-            .bounded(
-                "basic qos",
-                channel.basic_qos(1, BasicQosOptions::default()),
-            )
-            .await?;
-        let tag = ShortString::from(format!("broker-{}", uuid::Uuid::new_v4().simple()));
-        let consumer = inner
-            .bounded(
-                "basic consume",
-                channel.basic_consume(
-                    short("queue name", &queue).map_err(Failure::Final)?,
-                    tag,
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
-        Ok(consumer)
+        let consumer = consume(inner, &channel, &queue, 1).await?;
+        Ok((queue, consumer))
     };
     match opened.await {
-        Ok(consumer) => Ok(Live {
+        Ok((queue, consumer)) => Ok(Live {
             channel,
             consumer,
+            queue,
             cautious: true,
         }),
         Err(f) => {
@@ -109,6 +94,56 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
             Err(f)
         }
     }
+}
+
+/// Starts a consumer of `queue` on `channel` holding at most `prefetch`
+/// unacknowledged deliveries.
+async fn consume(
+    inner: &Inner,
+    channel: &Channel,
+    queue: &str,
+    prefetch: usize,
+) -> Result<Consumer, Failure> {
+    let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
+    inner
+        .bounded(
+            "basic qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+    let tag = ShortString::from(format!("broker-{}", uuid::Uuid::new_v4().simple()));
+    inner
+        .bounded(
+            "basic consume",
+            channel.basic_consume(
+                short("queue name", queue).map_err(Failure::Final)?,
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+}
+
+/// Ends the cautious start: a consumer with the rest of the subscription's
+/// prefetch replaces the one at prefetch 1 (quorum queues keep a
+/// consumer's prefetch from its start, so raising it needs a new
+/// consumer). The delivery the old consumer holds stays on the channel, to
+/// be settled; as prefetch is per consumer, the new one gets one less, so
+/// the channel never holds more than the subscription's prefetch.
+async fn full_prefetch(inner: &Inner, live: &mut Live, prefetch: usize) -> Result<(), Failure> {
+    if prefetch <= 1 {
+        return Ok(());
+    }
+    let consumer = consume(inner, &live.channel, &live.queue, prefetch - 1).await?;
+    let old = std::mem::replace(&mut live.consumer, consumer);
+    inner
+        .bounded(
+            "basic cancel",
+            live.channel
+                .basic_cancel(old.tag(), BasicCancelOptions::default()),
+        )
+        .await
 }
 
 /// Opens the subscription, retrying losses with the reconnect policy.
@@ -143,7 +178,7 @@ async fn pump(
                     Some(Ok(d)) => {
                         if live.cautious && codec::earlier_deliveries(&d.properties, d.redelivered) == 0 {
                             live.cautious = false;
-                            if let Err(f) = full_prefetch(&inner, &live.channel, sub.prefetch).await {
+                            if let Err(f) = full_prefetch(&inner, &mut live, sub.prefetch).await {
                                 break f.to_string();
                             }
                         }
@@ -177,17 +212,6 @@ async fn pump(
             }
         }
     }
-}
-
-/// Raises the channel's prefetch from the cautious 1 to the subscription's.
-async fn full_prefetch(inner: &Inner, channel: &Channel, prefetch: usize) -> Result<(), Failure> {
-    let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
-    inner
-        .bounded(
-            "basic qos",
-            channel.basic_qos(prefetch, BasicQosOptions::default()),
-        )
-        .await
 }
 
 /// Cancels the consumer and closes its channel: RabbitMQ requeues what was
