@@ -17,10 +17,22 @@
 //! names the consumer groups (default `example-app`). SIGTERM or ctrl-c
 //! stops it: in-flight messages are drained within 30 s. Logs follow
 //! `RUST_LOG`, with lapin's frame log always off.
+//!
+//! With `DATABASE_URL` (PostgreSQL) the credits module keeps its ledger in
+//! that database through the transactional outbox and inbox
+//! (`examples::credits_ledger`; tables created at startup): `POST
+//! /credits/ends` records the end and its event in one transaction, the
+//! relay publishes it, the consumer debits it once.
+//!
+//! ```text
+//! DATABASE_URL=postgres://app:secret@127.0.0.1:5432/app cargo run --example app
+//! ```
 
 use std::sync::Arc;
 
+use broker::outbox::sqlx::postgres::PgPoolOptions;
 use broker::App;
+use examples::credits_ledger::CreditsLedger;
 use examples::credits_process::CreditsProcess;
 use examples::feature_usage::FeatureUsage;
 use examples::server::{self, Ledger, MODULES};
@@ -35,6 +47,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let addr = std::env::var("APP_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let name = std::env::var("APP_NAME").unwrap_or_else(|_| "example-app".into());
+    let names = (FeatureUsage::new(&name), CreditsProcess::new(&name));
+    // The URL carries the password: never printed.
+    let db = match std::env::var("DATABASE_URL") {
+        Ok(url) => {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&url)
+                .await?;
+            println!("credits ledger: PostgreSQL (outbox and inbox)");
+            Some(CreditsLedger::open(pool, names.1.clone()).await?)
+        }
+        Err(_) => None,
+    };
     // Before any consumer starts: they register their metrics when they do.
     broker::prometheus::install()?;
     let app = App::from_env(MODULES).await?;
@@ -43,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let names = (FeatureUsage::new(&name), CreditsProcess::new(&name));
-    server::serve(app, listener, names, Arc::new(Ledger::default())).await?;
+    let ledger = Arc::new(Ledger::default());
+    server::serve(app, listener, names, ledger, db).await?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use broker::outbox::sqlx::{self, PgPool};
 use broker::outbox::{Inbox, Outbox, Relay, RelayHandle};
-use broker::{BrokerError, ConsumerHandle, Event, HandlerError, Received, Result};
+use broker::{BrokerError, ConsumerHandle, Event, Handler, HandlerError, Received, Result};
 
 use crate::credits_process::{CreditsProcess, CreditsProcessEnd};
 use broker::Endpoints;
@@ -52,6 +52,13 @@ impl CreditsLedger {
     /// Records that a process ended and publishes its event, atomically:
     /// both or neither. With `commit = false` the transaction is rolled back
     /// (as when a later step of the request fails): nothing is published.
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::Validation`] for an invalid event and
+    /// [`BrokerError::Refused`] (backend `postgres`) for a process whose end
+    /// is already recorded: in both cases nothing is recorded or published.
+    /// A database error is [`BrokerError::Backend`].
     pub async fn record_end(&self, event: &CreditsProcessEnd, commit: bool) -> Result<()> {
         let db = |e| BrokerError::backend("postgres", e);
         let mut tx = self.pool.begin().await.map_err(db)?;
@@ -63,7 +70,14 @@ impl CreditsLedger {
         .bind(event.credits_used as i64)
         .execute(&mut *tx)
         .await
-        .map_err(db)?;
+        .map_err(|e| match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => BrokerError::Refused {
+                backend: "postgres",
+                operation: "record a process end",
+                reason: "the process's end is already recorded".into(),
+            },
+            _ => db(e),
+        })?;
         self.outbox
             .publish(&mut tx, &self.module.end_topic, event.to_message()?)
             .await?;
@@ -78,28 +92,41 @@ impl CreditsLedger {
         Relay::new(self.pool.clone(), endpoints.publisher.clone()).start()
     }
 
-    /// Starts the debiting consumer: each end debits its account once (the
-    /// inbox skips a redelivered message in the same transaction).
+    /// Starts the debiting consumer (group `end_group` on `end_topic`) with
+    /// [`CreditsLedger::debit_handler`].
     pub async fn start_debits(&self, endpoints: &Endpoints) -> Result<ConsumerHandle> {
-        let inbox = Inbox::new(self.pool.clone(), self.module.end_group.clone());
         endpoints
             .consumer(&self.module.end_topic, &self.module.end_group)
             .concurrency(4)
-            .handler(inbox.handler(|received: Received, mut tx| async move {
-                let end = CreditsProcessEnd::from_message(&received.message)?;
-                sqlx::query(
-                    "INSERT INTO credits_debits (message_id, account_id, credits) \
-                     VALUES ($1, $2, $3)",
-                )
-                .bind(received.message.id())
-                .bind(&end.account_id)
-                .bind(end.credits_used as i64)
-                .execute(&mut *tx)
-                .await?;
-                Ok::<_, HandlerError>(tx)
-            }))
+            .handler(self.debit_handler())
             .start()
             .await
+    }
+
+    /// The debiting handler: each end debits its account once (the inbox
+    /// records the message id in the debit's transaction and skips a
+    /// redelivered message). For a consumer of `end_topic` in `end_group`,
+    /// however it is started (`start_debits`, or an app's `consume_raw`).
+    pub fn debit_handler(&self) -> impl Handler {
+        let inbox = Inbox::new(self.pool.clone(), self.module.end_group.clone());
+        inbox.handler(|received: Received, mut tx| async move {
+            let end = CreditsProcessEnd::from_message(&received.message)?;
+            sqlx::query(
+                "INSERT INTO credits_debits (message_id, account_id, credits) \
+                 VALUES ($1, $2, $3)",
+            )
+            .bind(received.message.id())
+            .bind(&end.account_id)
+            .bind(end.credits_used as i64)
+            .execute(&mut *tx)
+            .await?;
+            Ok::<_, HandlerError>(tx)
+        })
+    }
+
+    /// The module's topic and group names this ledger uses.
+    pub fn module(&self) -> &CreditsProcess {
+        &self.module
     }
 
     /// The database.
@@ -117,4 +144,36 @@ impl CreditsLedger {
                 .map_err(|e| BrokerError::backend("postgres", e))?;
         Ok(sum.unwrap_or(0))
     }
+
+    /// Credits debited from `account` and how many ends were debited.
+    pub async fn account(&self, account: &str) -> Result<AccountDebits> {
+        let (credits, ends): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(credits), 0)::int8, count(*) FROM credits_debits \
+             WHERE account_id = $1",
+        )
+        .bind(account)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| BrokerError::backend("postgres", e))?;
+        Ok(AccountDebits { credits, ends })
+    }
+
+    /// Ends recorded whose event the relay has not published yet.
+    pub async fn unpublished(&self) -> Result<i64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM broker_outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| BrokerError::backend("postgres", e))?;
+        Ok(n)
+    }
+}
+
+/// One account's debits in the ledger ([`CreditsLedger::account`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountDebits {
+    /// Credits debited.
+    pub credits: i64,
+    /// Process ends debited.
+    pub ends: i64,
 }

@@ -5,6 +5,15 @@
 //! Prometheus text, and SIGTERM/ctrl-c drains in-flight messages before the
 //! process ends. `examples/app.rs` runs it; `examples/tests/server.rs` tests
 //! it over HTTP on every backend.
+//!
+//! With a [`CreditsLedger`] (the app opens one when `DATABASE_URL` is set)
+//! the credits module runs on PostgreSQL: `POST /credits/ends` records the
+//! end and its event in one transaction (the transactional outbox; 409 for
+//! an end already recorded), the outbox relay publishes it on the module's
+//! route from inside the app (stopped after the HTTP server drained, before
+//! the publishers close: what it did not publish stays in the outbox for
+//! the next start), and the credits consumer debits each end once through
+//! the inbox; `GET /credits/{account}` reads the database.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -22,6 +31,7 @@ use broker::serde::Serialize;
 use broker::{App, AppStatus, BrokerError, Publisher, Received};
 use tokio::net::TcpListener;
 
+use crate::credits_ledger::CreditsLedger;
 use crate::credits_process::{self, CreditsProcess, CreditsProcessEnd};
 use crate::feature_usage::{self, FeatureUsage, FeatureUsageLog};
 
@@ -110,33 +120,46 @@ struct Ctx {
     credits: Arc<dyn Publisher>,
     names: (FeatureUsage, CreditsProcess),
     ledger: Arc<Ledger>,
+    db: Option<CreditsLedger>,
     status: AppStatus,
 }
 
 type Reply = Result<StatusCode, (StatusCode, String)>;
 
 /// Runs the server on `listener` until `app`'s shutdown signal, then drains
-/// HTTP requests and in-flight messages and closes the publishers.
+/// HTTP requests and in-flight messages and closes the publishers. With
+/// `db`, credits go through its outbox, relay and inbox (module docs); it
+/// must use `names.1`'s topic and group.
 pub async fn serve(
     mut app: App,
     listener: TcpListener,
     names: (FeatureUsage, CreditsProcess),
     ledger: Arc<Ledger>,
+    db: Option<CreditsLedger>,
 ) -> broker::Result<()> {
     let l = ledger.clone();
-    app.consume(
-        credits_process::MODULE,
-        &names.1.end_group,
-        move |end: CreditsProcessEnd, _: Received| {
-            let l = l.clone();
-            async move {
-                l.debit(&end).await;
-                Ok(())
-            }
-        },
-    )
-    .topic(&names.1.end_topic)
-    .concurrency(4);
+    let credits_consumer = match &db {
+        Some(db) => app.consume_raw(
+            credits_process::MODULE,
+            &names.1.end_topic,
+            &names.1.end_group,
+            db.debit_handler(),
+        ),
+        None => app
+            .consume(
+                credits_process::MODULE,
+                &names.1.end_group,
+                move |end: CreditsProcessEnd, _: Received| {
+                    let l = l.clone();
+                    async move {
+                        l.debit(&end).await;
+                        Ok(())
+                    }
+                },
+            )
+            .topic(&names.1.end_topic),
+    };
+    credits_consumer.concurrency(4);
     let l = ledger.clone();
     app.consume(
         feature_usage::MODULE,
@@ -151,7 +174,9 @@ pub async fn serve(
     )
     .topic(&names.0.topic);
     let (usage, credits) = (app.publisher(MODULES[0])?, app.publisher(MODULES[1])?);
+    let credits_route = app.endpoints(MODULES[1])?;
     let running = app.start().await?;
+    let relay = db.as_ref().map(|db| db.start_relay(&credits_route));
     let status = running.status();
     let routes = Router::new()
         .route("/usage", post(post_usage))
@@ -164,13 +189,20 @@ pub async fn serve(
             credits,
             names,
             ledger,
+            db,
             status,
         });
     running
-        .serve(|stopping| {
-            axum::serve(listener, routes)
+        .serve(|stopping| async move {
+            let served = axum::serve(listener, routes)
                 .with_graceful_shutdown(stopping)
                 .into_future()
+                .await;
+            // After the last request, before the publishers close.
+            if let Some(relay) = relay {
+                relay.stop().await?;
+            }
+            served.map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
         })
         .await
 }
@@ -185,16 +217,27 @@ async fn post_usage(State(c): State<Ctx>, Json(log): Json<FeatureUsageLog>) -> R
 }
 
 async fn post_end(State(c): State<Ctx>, Json(end): Json<CreditsProcessEnd>) -> Reply {
-    c.names
-        .1
-        .send_process_end(&*c.credits, &end)
-        .await
-        .map_err(refused)?;
+    match &c.db {
+        // The end's row and its event in one transaction; the relay publishes.
+        Some(db) => db.record_end(&end, true).await,
+        None => c.names.1.send_process_end(&*c.credits, &end).await,
+    }
+    .map_err(refused)?;
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn get_account(State(c): State<Ctx>, Path(account): Path<String>) -> Json<Account> {
-    Json(c.ledger.account(&account))
+async fn get_account(
+    State(c): State<Ctx>,
+    Path(account): Path<String>,
+) -> Result<Json<Account>, (StatusCode, String)> {
+    let Some(db) = &c.db else {
+        return Ok(Json(c.ledger.account(&account)));
+    };
+    let debits = db.account(&account).await.map_err(refused)?;
+    Ok(Json(Account {
+        used: debits.credits.unsigned_abs(),
+        ends: debits.ends.unsigned_abs(),
+    }))
 }
 
 async fn health(State(c): State<Ctx>) -> (StatusCode, Json<HealthReport>) {
@@ -220,10 +263,15 @@ async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
     )
 }
 
-/// 422 for an event that fails validation, 503 when the broker did not take it.
+/// 422 for an event that fails validation, 409 for an end already recorded
+/// (database), 503 when the broker or the database did not take it.
 fn refused(e: BrokerError) -> (StatusCode, String) {
     match e {
         BrokerError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        BrokerError::Refused {
+            backend: "postgres",
+            ..
+        } => (StatusCode::CONFLICT, e.to_string()),
         _ => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -2,6 +2,12 @@
 //! memory, Kafka (tansu) and RabbitMQ: POST publishes, the credits consumer
 //! debits, /health answers 200, /metrics counts, and a shutdown while a debit
 //! is in flight drains it: debited once, not lost, not redelivered.
+//!
+//! With the credits ledger on PostgreSQL (`OUTBOX_DATABASE_URL`, set by the
+//! test command), on the same backends: POST records the end and its event
+//! in one transaction, the relay inside the app publishes it, the consumer
+//! debits it once through the inbox (a second delivery with the same id is
+//! skipped), and shutdown leaves nothing committed unpublished.
 
 mod common;
 
@@ -9,8 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker::config::BrokerKind;
+use broker::outbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use broker::outbox::sqlx::{self, PgPool};
 use broker::testkit::unique;
-use broker::{App, Brokers, PublisherExt, Received};
+use broker::{App, Brokers, Event, Publisher, PublisherExt, Received};
+use examples::credits_ledger::CreditsLedger;
 use examples::credits_process::{CreditsProcess, CreditsProcessEnd};
 use examples::feature_usage::FeatureUsage;
 use examples::server::{self, Account, Ledger, MODULES};
@@ -68,7 +77,13 @@ async fn server_works_on(kind: BrokerKind) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let ledger = Arc::new(Ledger::with_work(WORK));
-    let server = tokio::spawn(server::serve(app, listener, names.clone(), ledger.clone()));
+    let server = tokio::spawn(server::serve(
+        app,
+        listener,
+        names.clone(),
+        ledger.clone(),
+        None,
+    ));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -270,6 +285,178 @@ async fn server_over_http_kafka() {
 #[tokio::test]
 async fn server_over_http_rabbitmq() {
     server_works_on(BrokerKind::RabbitMq).await;
+}
+
+/// A pool on a fresh schema of the test database (`OUTBOX_DATABASE_URL`).
+async fn pool() -> PgPool {
+    let url = std::env::var("OUTBOX_DATABASE_URL")
+        .expect("OUTBOX_DATABASE_URL: the test command sets it (scripts/ensure-postgres.sh)");
+    let schema = unique("server").replace('-', "_");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("PostgreSQL");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("schema");
+    let options: PgConnectOptions = url.parse().expect("URL");
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.options([("search_path", schema.as_str())]))
+        .await
+        .expect("pool")
+}
+
+async fn outbox_server_works_on(kind: BrokerKind) {
+    let Some(brokers) = common::brokers_for(kind).await else {
+        return;
+    };
+    let name = unique("outbox-server");
+    let prefix = unique("osrv");
+    let names = (
+        FeatureUsage::new(&name).on_topic(format!("{prefix}.usage")),
+        CreditsProcess::new(&name).with_topic_prefix(&prefix),
+    );
+    let db = CreditsLedger::open(pool().await, names.1.clone())
+        .await
+        .expect("open the ledger");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = App::with_brokers(brokers.clone(), MODULES)
+        .unwrap()
+        .shutdown_signal(async move {
+            let _ = stopped.await;
+        })
+        .shutdown_deadline(Duration::from_secs(20));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(server::serve(
+        app,
+        listener,
+        names.clone(),
+        Arc::new(Ledger::default()),
+        Some(db.clone()),
+    ));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let account = unique("acct");
+    let account_url = format!("{base}/credits/{account}");
+    let account_is = |expected: Account| {
+        let (http, url) = (&http, &account_url);
+        async move {
+            let res = http.get(url).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{kind}");
+            res.json::<Account>().await.unwrap() == expected
+        }
+    };
+    assert!(
+        eventually(common::WAIT, || async {
+            http.get(format!("{base}/health")).send().await.is_ok()
+        })
+        .await,
+        "{kind}: server not up"
+    );
+    let post = |body: Value| {
+        let http = &http;
+        let url = format!("{base}/credits/ends");
+        async move { http.post(url).json(&body).send().await.unwrap().status() }
+    };
+
+    // Recorded and published in one transaction; relayed, then debited.
+    assert_eq!(post(end("run-1", &account)).await, 202, "{kind}");
+    assert!(
+        eventually(common::WAIT, || account_is(Account { used: 10, ends: 1 })).await,
+        "{kind}: run-1 not debited"
+    );
+    // The same end again: refused by the database, nothing recorded or sent.
+    assert_eq!(post(end("run-1", &account)).await, 409, "{kind}");
+    // An invalid end: the transaction is rolled back.
+    let mut invalid = end("run-bad", &account);
+    invalid["status"] = json!("exploded");
+    assert_eq!(post(invalid).await, 422, "{kind}");
+    assert_eq!(post(end("run-2", &account)).await, 202, "{kind}");
+    assert!(
+        eventually(common::WAIT, || account_is(Account { used: 20, ends: 2 })).await,
+        "{kind}: run-2 not debited"
+    );
+    let (recorded,): (i64,) = sqlx::query_as("SELECT count(*) FROM credits_process_ends")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(recorded, 2, "{kind}: only the committed ends are recorded");
+
+    // run-2 delivered a second time with the id the outbox gave it (as a
+    // redelivery would be): the inbox skips it.
+    let (id,): (String,) = sqlx::query_as(
+        "SELECT message_id FROM broker_outbox WHERE convert_from(payload, 'UTF8') LIKE $1",
+    )
+    .bind("%\"process_id\":\"run-2\"%")
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let again: CreditsProcessEnd = serde_json::from_value(end("run-2", &account)).unwrap();
+    brokers
+        .endpoints(MODULES[1])
+        .unwrap()
+        .publisher
+        .publish(&names.1.end_topic, again.to_message().unwrap().with_id(id))
+        .await
+        .unwrap();
+    let handled = || async {
+        let health: Value = http
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            health["consumers"][0]["module"], "credits_process",
+            "{health}"
+        );
+        health["consumers"][0]["handled"].as_u64().unwrap_or(0)
+    };
+    assert!(
+        eventually(common::WAIT, || async { handled().await >= 3 }).await,
+        "{kind}: the second delivery was not handled"
+    );
+    assert!(
+        account_is(Account { used: 20, ends: 2 }).await,
+        "{kind}: debited twice"
+    );
+
+    // Shutdown: the HTTP server drains, the relay stops, then the publishers
+    // close; everything committed was published.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("shutdown within its deadline")
+        .unwrap()
+        .expect("clean shutdown");
+    assert_eq!(db.unpublished().await.unwrap(), 0, "{kind}");
+    assert!(
+        http.get(format!("{base}/health")).send().await.is_err(),
+        "{kind}: still serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_server_over_http_memory() {
+    outbox_server_works_on(BrokerKind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_server_over_http_kafka() {
+    outbox_server_works_on(BrokerKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_server_over_http_rabbitmq() {
+    outbox_server_works_on(BrokerKind::RabbitMq).await;
 }
 
 /// A route for a module the server does not declare stops it at startup.
