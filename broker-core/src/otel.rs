@@ -79,6 +79,27 @@ pub fn extract_context(message: &Message) -> Context {
     TraceContextPropagator::new().extract(&MessageExtractor(message))
 }
 
+/// The OpenTelemetry context of the work running now: the current
+/// `tracing` span's (with a `tracing_opentelemetry` layer installed), else
+/// OpenTelemetry's own current context (a span entered through its API).
+/// Either may hold no valid span context.
+pub(crate) fn current_context() -> Context {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        cx
+    } else {
+        Context::current()
+    }
+}
+
+/// Writes the context of the current span ([`current_context`]) into
+/// `message`, replacing its `traceparent`. Returns false (and changes
+/// nothing) when there is no valid span context: see
+/// [`Message::caused_by`].
+pub(crate) fn inject_current(message: &mut Message) -> bool {
+    inject_context(&current_context(), message)
+}
+
 /// Gives `message` the OpenTelemetry context of `span` when it has no
 /// `traceparent` yet. Returns true when it did.
 pub(crate) fn inject_span(span: &tracing::Span, message: &mut Message) -> bool {
@@ -165,6 +186,63 @@ mod tests {
         let mut plain = Message::new("x");
         assert!(inject_context(&context(TraceState::NONE), &mut plain));
         assert!(plain.headers().get(header::TRACESTATE).is_none());
+    }
+
+    #[test]
+    fn caused_by_continues_the_current_span() {
+        let cause = Message::new("cause")
+            .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let _current = context(TraceState::NONE).attach();
+        let effect = Message::new("effect").caused_by(&cause);
+        assert_eq!(
+            effect.traceparent(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(effect.correlation_id(), Some(cause.id()));
+        assert!(effect.headers().get(header::TRACESTATE).is_none());
+    }
+
+    #[test]
+    fn caused_by_keeps_the_current_span_flags_and_state() {
+        let unsampled = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::default(),
+            true,
+            "vendor=abc".parse().unwrap(),
+        ));
+        let _current = unsampled.attach();
+        let effect = Message::new("effect").caused_by(&Message::new("cause"));
+        assert_eq!(
+            effect.traceparent(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+        );
+        assert_eq!(
+            effect.headers().get_str(header::TRACESTATE),
+            Some("vendor=abc")
+        );
+    }
+
+    #[test]
+    fn caused_by_without_a_current_span_continues_the_cause() {
+        assert!(!current_context().span().span_context().is_valid());
+        let cause = Message::new("cause")
+            .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let effect = Message::new("effect").caused_by(&cause);
+        let tp = effect.traceparent().unwrap();
+        assert!(
+            tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+            "{tp}"
+        );
+        assert_ne!(tp, cause.traceparent().unwrap());
+        assert_eq!(tp.len(), 55);
+        // A context without a valid span is no current span either.
+        let _empty = Context::new().attach();
+        let effect = Message::new("effect").caused_by(&cause);
+        assert!(effect
+            .traceparent()
+            .unwrap()
+            .starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
     }
 
     #[test]

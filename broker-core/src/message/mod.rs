@@ -246,8 +246,18 @@ impl Message {
     }
 
     /// Carries the causal context of `cause` into this message: its
-    /// correlation id (or its id when it has none) and its trace id with a
-    /// new span id. Use it for events published while handling another.
+    /// correlation id (or its id when it has none) and a `traceparent`.
+    /// Use it for events published while handling another.
+    ///
+    /// With the `otel` feature, when the current span has an OpenTelemetry
+    /// context (a `tracing_opentelemetry` layer is installed: inside a
+    /// handler that is the runtime's `handle` span, itself a child of
+    /// `cause`'s context; or a context entered through the OpenTelemetry
+    /// API), the `traceparent` is that span's trace id and span id (and a
+    /// non-empty trace state goes into the `tracestate` header), so the
+    /// event's consumers continue the work that published it. Otherwise
+    /// (and without the feature) it is `cause`'s trace id with a new span
+    /// id, or a new trace when `cause` has no valid `traceparent`.
     pub fn caused_by(mut self, cause: &Message) -> Self {
         self.fields_mut().correlation_id = Some(
             cause
@@ -256,6 +266,10 @@ impl Message {
                 .clone()
                 .unwrap_or_else(|| cause.id().to_owned()),
         );
+        #[cfg(feature = "otel")]
+        if crate::otel::inject_current(&mut self) {
+            return self;
+        }
         self.fields_mut().traceparent =
             Some(child_traceparent(cause.fields.traceparent.as_deref()));
         self
