@@ -10,6 +10,10 @@
 //! handles one message at a time, and every message with the same key goes
 //! to the same lane, so same-key messages are handled in order (retries
 //! included) while different keys run in parallel.
+//!
+//! With a [`crate::BatchHandler`] ([`ConsumerBuilder::batch_handler`]), a lane
+//! takes its deliveries in batches instead (see [`crate::batch`]); retries,
+//! dead letters and the delivery limit are the same code.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::batch::{BatchHandler, Batching, OneAtATime};
 use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
 use crate::handler::{FailureKind, Handler, HandlerError};
@@ -71,6 +76,8 @@ impl Consumer {
             topic,
             group: group.into(),
             handler: None,
+            batch_handler: None,
+            batch_limits: None,
             retry: Backoff::retry_default(),
             concurrency: 1,
             prefetch: None,
@@ -89,6 +96,8 @@ pub struct ConsumerBuilder {
     group: String,
     dead_letter_topic: String,
     handler: Option<Arc<dyn Handler>>,
+    batch_handler: Option<Arc<dyn BatchHandler>>,
+    batch_limits: Option<(usize, Duration)>,
     retry: Backoff,
     concurrency: usize,
     prefetch: Option<usize>,
@@ -97,9 +106,45 @@ pub struct ConsumerBuilder {
 }
 
 impl ConsumerBuilder {
-    /// The handler (required): a [`Handler`], a closure, or [`crate::typed`].
+    /// The handler (required, or a [`ConsumerBuilder::batch_handler`]): a
+    /// [`Handler`], a closure, or [`crate::typed`]. Replaces a batch handler.
     pub fn handler(mut self, handler: impl Handler) -> Self {
         self.handler = Some(Arc::new(handler));
+        self.batch_handler = None;
+        self
+    }
+    /// Handles messages in batches instead of one at a time: `handler` (a
+    /// [`BatchHandler`], a closure, or [`crate::typed_batch`]) gets up to
+    /// [`ConsumerBuilder::batch`]'s `max_messages` (default
+    /// [`crate::batch::DEFAULT_BATCH_MESSAGES`]), or what arrived within its
+    /// `max_wait` (default [`crate::batch::DEFAULT_BATCH_WAIT`]). The ones
+    /// that succeeded are acknowledged together; each failed one is retried
+    /// and dead-lettered on its own, before the lane's next batch, so
+    /// same-key order holds. Replaces a [`ConsumerBuilder::handler`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use broker_core::{BatchError, Consumer, MemoryBroker, Received};
+    /// let builder = Consumer::builder(MemoryBroker::new(), "demo.usage.recorded", "billing")
+    ///     .batch(500, Duration::from_millis(200))
+    ///     .batch_handler(|batch: Vec<Received>| async move {
+    ///         // One bulk write for the whole batch.
+    ///         println!("writing {} records", batch.len());
+    ///         Ok::<(), BatchError>(())
+    ///     });
+    /// ```
+    pub fn batch_handler(mut self, handler: impl BatchHandler) -> Self {
+        self.batch_handler = Some(Arc::new(handler));
+        self.handler = None;
+        self
+    }
+    /// Batch limits of a [`ConsumerBuilder::batch_handler`]: at most
+    /// `max_messages` (at least 1) per call, and at most `max_wait` from
+    /// the first message of a batch to the call. Unless set with
+    /// [`ConsumerBuilder::prefetch`], the prefetch grows to hold two
+    /// batches per lane, so full batches can form.
+    pub fn batch(mut self, max_messages: usize, max_wait: Duration) -> Self {
+        self.batch_limits = Some((max_messages.max(1), max_wait));
         self
     }
     /// Retry policy for handler errors (default [`Backoff::retry_default`]).
@@ -165,10 +210,28 @@ impl ConsumerBuilder {
     pub async fn start(self) -> Result<ConsumerHandle> {
         validate_topic(&self.topic)?;
         validate_topic(&self.dead_letter_topic)?;
-        let handler = self.handler.ok_or(BrokerError::Misconfigured(
-            "no handler: call ConsumerBuilder::handler",
-        ))?;
-        let prefetch = self.prefetch.unwrap_or(self.concurrency * 2);
+        let (handler, batch) = match (self.handler, self.batch_handler) {
+            (Some(_), _) if self.batch_limits.is_some() => return Err(BrokerError::Misconfigured(
+                "batch limits set for a single-message handler: use ConsumerBuilder::batch_handler",
+            )),
+            (Some(handler), _) => (handler, None),
+            (None, Some(batch)) => {
+                let batching = Batching::new(batch, self.batch_limits);
+                (
+                    Arc::new(OneAtATime(batching.handler.clone())) as _,
+                    Some(batching),
+                )
+            }
+            (None, None) => {
+                return Err(BrokerError::Misconfigured(
+                    "no handler: call ConsumerBuilder::handler",
+                ))
+            }
+        };
+        let per_lane = batch.as_ref().map_or(1, |b| b.max_messages);
+        let prefetch = self
+            .prefetch
+            .unwrap_or(self.concurrency.saturating_mul(per_lane).saturating_mul(2));
         let stream = self
             .subscriber
             .subscribe(Subscription::new(&self.topic, &self.group).with_prefetch(prefetch))
@@ -178,6 +241,7 @@ impl ConsumerBuilder {
             ConsumerInstruments::new(self.subscriber.backend_name(), &self.topic, &self.group);
         let runtime = Arc::new(Runtime {
             handler,
+            batch,
             dead_letters: self.dead_letters,
             dead_letter_topic: self.dead_letter_topic,
             group: self.group,
@@ -232,27 +296,30 @@ impl ConsumerHandle {
 }
 
 /// What lanes share.
-struct Runtime {
+pub(crate) struct Runtime {
+    /// The handler of one message (of a batch handler: a batch of one).
     handler: Arc<dyn Handler>,
+    /// Set for a batch handler: lanes take their deliveries in batches.
+    pub(crate) batch: Option<Batching>,
     dead_letters: Arc<dyn Publisher>,
     dead_letter_topic: String,
-    group: String,
+    pub(crate) group: String,
     retry: Backoff,
     delivery_limit: Option<u32>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The labelled metrics (feature `metrics`).
-    instruments: ConsumerInstruments,
+    pub(crate) instruments: ConsumerInstruments,
 }
 
-type StopSignal = watch::Receiver<Option<Duration>>;
+pub(crate) type StopSignal = watch::Receiver<Option<Duration>>;
 
 /// True once shutdown was asked for (or the handle was dropped).
-fn stopping(stop: &StopSignal) -> bool {
+pub(crate) fn stopping(stop: &StopSignal) -> bool {
     stop.borrow().is_some() || stop.has_changed().is_err()
 }
 
 /// Resolves once shutdown is asked for (or the handle was dropped).
-async fn stop_requested(stop: &mut StopSignal) {
+pub(crate) async fn stop_requested(stop: &mut StopSignal) {
     let _ = stop.wait_for(Option::is_some).await;
 }
 
@@ -341,6 +408,9 @@ impl Runtime {
     }
 
     async fn lane(self: Arc<Self>, mut deliveries: mpsc::Receiver<Delivery>, stop: StopSignal) {
+        if self.batch.is_some() {
+            return self.batch_lane(deliveries, stop).await;
+        }
         while let Some(delivery) = deliveries.recv().await {
             if stopping(&stop) {
                 // Queued but not started: hand it back untouched.
@@ -348,56 +418,90 @@ impl Runtime {
                 continue;
             }
             let (received, acker) = delivery.into_parts();
-            let message = &received.message;
-            let span = tracing::info_span!(
-                "handle",
-                topic = %received.topic,
-                group = %self.group,
-                message_id = %message.id(),
-                correlation_id = message.correlation_id().unwrap_or_default(),
-                traceparent = message.traceparent().unwrap_or_default(),
-            );
-            // The handle span continues the publisher's trace.
-            #[cfg(feature = "otel")]
-            crate::otel::set_parent(&span, message);
+            let span = self.handle_span(&received);
             self.handle(received, acker, stop.clone())
                 .instrument(span)
                 .await;
         }
     }
 
+    /// The span of handling one message: it continues the publisher's trace.
+    pub(crate) fn handle_span(&self, received: &Received) -> tracing::Span {
+        let message = &received.message;
+        let span = tracing::info_span!(
+            "handle",
+            topic = %received.topic,
+            group = %self.group,
+            message_id = %message.id(),
+            correlation_id = message.correlation_id().unwrap_or_default(),
+            traceparent = message.traceparent().unwrap_or_default(),
+        );
+        #[cfg(feature = "otel")]
+        crate::otel::set_parent(&span, message);
+        span
+    }
+
     /// Runs the handler with retries, then acks, dead-letters or abandons.
-    async fn handle(&self, mut received: Received, acker: Box<dyn Acker>, mut stop: StopSignal) {
-        // Made at the first failure: most messages never need it.
-        let mut delays = None;
+    async fn handle(&self, mut received: Received, acker: Box<dyn Acker>, stop: StopSignal) {
+        if let Some(error) = self.over_delivery_limit(&mut received) {
+            return self.dead_letter(received, error, acker, stop).await;
+        }
+        self.attempts(received, acker, stop, None).await
+    }
+
+    /// Sets `received.attempt` to at least 1. When the backend counted
+    /// `delivery_limit` earlier deliveries, returns the error to dead-letter
+    /// it with (counted as a failure), and the handler must not run.
+    pub(crate) fn over_delivery_limit(&self, received: &mut Received) -> Option<HandlerError> {
         // The backend counts the earlier deliveries it knows of.
         received.attempt = received.attempt.max(1);
         let earlier = received.attempt - 1;
-        if self.delivery_limit.is_some_and(|limit| earlier >= limit) {
-            received.attempt = earlier;
-            let error = HandlerError::new(
-                FailureKind::DeliveryLimit,
-                format!(
-                    "delivered {earlier} times without being settled: the consumer crashed, \
-                     was killed or stopped while handling it"
-                ),
-            );
-            self.metrics.add_failed();
-            self.instruments.failed(error.kind());
-            return self.dead_letter(received, error, acker, stop).await;
+        if self.delivery_limit.is_none_or(|limit| earlier < limit) {
+            return None;
         }
+        received.attempt = earlier;
+        let error = HandlerError::new(
+            FailureKind::DeliveryLimit,
+            format!(
+                "delivered {earlier} times without being settled: the consumer crashed, \
+                 was killed or stopped while handling it"
+            ),
+        );
+        self.metrics.add_failed();
+        self.instruments.failed(error.kind());
+        Some(error)
+    }
+
+    /// Calls the handler until it succeeds, the error is permanent or the
+    /// retry policy runs out, then acks or dead-letters. `failed` is the
+    /// error of an attempt already made (by a batch handler), which counts
+    /// as the first.
+    pub(crate) async fn attempts(
+        &self,
+        mut received: Received,
+        acker: Box<dyn Acker>,
+        mut stop: StopSignal,
+        mut failed: Option<HandlerError>,
+    ) {
+        // Made at the first failure: most messages never need it.
+        let mut delays = None;
         loop {
-            let started = std::time::Instant::now();
-            let outcome = call_handler(&*self.handler, received.clone()).await;
-            self.instruments.attempt(started.elapsed(), outcome.is_ok());
-            let error = match outcome {
-                Ok(()) => {
-                    self.metrics.add_handled();
-                    self.instruments.handled();
-                    settle(acker.ack(), "ack").await;
-                    return;
+            let error = match failed.take() {
+                Some(e) => e,
+                None => {
+                    let started = std::time::Instant::now();
+                    let outcome = call_handler(&*self.handler, received.clone()).await;
+                    self.instruments.attempt(started.elapsed(), outcome.is_ok());
+                    match outcome {
+                        Ok(()) => {
+                            self.metrics.add_handled();
+                            self.instruments.handled();
+                            settle(acker.ack(), "ack").await;
+                            return;
+                        }
+                        Err(e) => e,
+                    }
                 }
-                Err(e) => e,
             };
             self.metrics.add_failed();
             self.instruments.failed(error.kind());
@@ -426,7 +530,7 @@ impl Runtime {
     /// Publishes the unchanged message plus reason headers to the dead-letter
     /// topic, then acks. If that publish keeps failing, the message is handed
     /// back for redelivery instead: never lost.
-    async fn dead_letter(
+    pub(crate) async fn dead_letter(
         &self,
         received: Received,
         error: HandlerError,
@@ -493,21 +597,27 @@ impl Runtime {
 }
 
 /// Calls the handler, turning a panic into a retryable error.
-async fn call_handler(handler: &dyn Handler, received: Received) -> Result<(), HandlerError> {
+pub(crate) async fn call_handler(
+    handler: &dyn Handler,
+    received: Received,
+) -> Result<(), HandlerError> {
     match AssertUnwindSafe(handler.handle(received))
         .catch_unwind()
         .await
     {
         Ok(result) => result,
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "handler panicked".to_owned());
-            Err(HandlerError::new(FailureKind::Panic, text))
-        }
+        Err(panic) => Err(panic_error(&*panic)),
     }
+}
+
+/// The retryable error a handler's panic counts as, with its message.
+pub(crate) fn panic_error(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".to_owned());
+    HandlerError::new(FailureKind::Panic, text)
 }
 
 /// The dead letter: the message unchanged (id, key, payload, headers), with
@@ -586,7 +696,7 @@ pub const DLQ_PUBLISH_ERROR: &str = "x-dlq-publish-error";
 /// subscription or channel already closed ([`BrokerError::Closed`]) was
 /// handed back by the broker already: expected around shutdown and
 /// reconnects, so only a debug line.
-async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
+pub(crate) async fn settle(op: impl std::future::Future<Output = Result<()>>, what: &str) {
     match op.await {
         Ok(()) => {}
         Err(e @ BrokerError::Closed(_)) => {

@@ -6,6 +6,7 @@
 //! - [`Consumer`] is the one consumer runtime for every backend: handler,
 //!   retries with backoff, dead letters, bounded concurrency with per-key
 //!   order, graceful shutdown. Backends only map fetch, ack and publish.
+//!   A [`BatchHandler`] takes messages in batches on the same runtime ([`batch`]).
 //! - [`MemoryBroker`] is the embedded default when no broker is enabled.
 //! - [`config::BrokerConfig`] reads the flags (`KAFKA_ENABLED`, `RABBITMQ_URL`,
 //!   `BROKER_ROUTE_<MODULE>`, ...).
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub mod backoff;
+pub mod batch;
 pub mod combining;
 pub mod config;
 pub mod consumer;
@@ -61,6 +63,7 @@ pub mod topic;
 pub mod testkit;
 
 pub use backoff::Backoff;
+pub use batch::{typed_batch, BatchError, BatchHandler, TypedBatch};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 pub use delivery::{Acker, Delivery, DeliveryStream, Received};
 pub use error::{BrokerError, Result};

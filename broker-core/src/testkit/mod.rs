@@ -19,11 +19,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
+mod batch;
 mod checks;
 mod model;
 mod scale;
 mod semantics;
 
+pub use batch::*;
 pub use checks::*;
 pub use model::*;
 pub use scale::*;
@@ -141,6 +143,11 @@ macro_rules! conformance_tests {
             fifty_members_share_five_thousand,
             twenty_topics_with_the_same_ids,
             prefetch_bounds_unacked_deliveries,
+            batch_handler_gets_bounded_batches,
+            batch_partial_failure_settles_each_message,
+            batch_keeps_per_key_order,
+            typed_batch_dead_letters_invalid_events,
+            batch_shutdown_hands_back_unstarted,
         );
     };
     (@each $name:expr, $backend:expr; $($check:ident),* $(,)?) => {
