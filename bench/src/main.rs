@@ -12,6 +12,10 @@
 //! `scripts/ensure-tansu.sh start`) and `RABBITMQ_URL` (default the local
 //! guest account). Each scenario runs in its own child process, so its peak
 //! RSS is its own.
+//!
+//! Progress goes to stderr: a progress bar (runs done, elapsed time, the
+//! scenario running) when stderr is a terminal, otherwise one line per
+//! scenario, so CI logs get no bar redraws. The table goes to stdout.
 
 mod abstraction;
 mod kafka;
@@ -21,8 +25,10 @@ mod outbox;
 mod rabbitmq;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::Command;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use measure::Outcome;
 
 /// What every scenario is run with.
@@ -273,6 +279,60 @@ fn machine() -> String {
     )
 }
 
+/// Where the run reports its progress: a bar on a terminal, lines otherwise.
+enum Progress {
+    Bar(ProgressBar),
+    Lines,
+}
+
+impl Progress {
+    /// A bar of `runs` child runs when stderr is a terminal.
+    fn new(runs: usize) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Progress::Lines;
+        }
+        let bar = ProgressBar::new(runs as u64);
+        let style = ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} runs, eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+        Progress::Bar(bar)
+    }
+
+    /// A scenario starts.
+    fn start(&self, name: &str, size: usize) {
+        match self {
+            Progress::Bar(bar) => bar.set_message(format!("{name} ({size} B)")),
+            Progress::Lines => eprintln!("running {name} ({size} B)..."),
+        }
+    }
+
+    /// One child run finished.
+    fn run_done(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.inc(1);
+        }
+    }
+
+    /// A line that stays (above the bar on a terminal).
+    fn note(&self, line: &str) {
+        match self {
+            Progress::Bar(bar) => bar.println(line),
+            Progress::Lines => eprintln!("{line}"),
+        }
+    }
+
+    /// Removes the bar before the table is printed.
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// One row of the table: a raw scenario and the abstraction's counterpart.
 struct Pair {
     backend: &'static str,
@@ -400,21 +460,31 @@ async fn main() {
     }
 
     let started = std::time::Instant::now();
+    let selected: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|name| {
+            let backend = name.split('.').next().unwrap_or_default();
+            o.only.iter().any(|b| b == backend)
+        })
+        .collect();
+    let progress = Progress::new(o.sizes.len() * selected.len() * o.runs);
     let mut results: BTreeMap<(String, usize), Result<Outcome, String>> = BTreeMap::new();
     for &size in &o.sizes {
-        for name in SCENARIOS {
-            let backend = name.split('.').next().unwrap_or_default();
-            if !o.only.iter().any(|b| b == backend) {
-                continue;
-            }
-            eprintln!("running {name} ({size} B)...");
-            let r = median_of(o.runs, || in_child(&o, name, size));
+        for &name in &selected {
+            progress.start(name, size);
+            let r = median_of(o.runs, || {
+                let outcome = in_child(&o, name, size);
+                progress.run_done();
+                outcome
+            });
             if let Err(e) = &r {
-                eprintln!("  {e}");
+                progress.note(&format!("  {e}"));
             }
             results.insert((name.to_string(), size), r);
         }
     }
+    progress.finish();
 
     let mut table = String::new();
     table.push_str(&format!(
