@@ -117,6 +117,8 @@ pub use broker_core::{
     typed, Consumer, ConsumerBuilder, ConsumerHandle, Event, FailureKind, Handler, HandlerError,
     PublisherExt, Received,
 };
+// Batch consume: handlers that get several messages at once.
+pub use broker_core::{batch, typed_batch, BatchError, BatchHandler};
 // Errors, retry policy, counters.
 pub use broker_core::{Backoff, BrokerError, Metrics, MetricsSnapshot, Result};
 // Brokers and the rest of the core, by module.

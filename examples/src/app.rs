@@ -19,6 +19,8 @@ pub struct Totals {
     pub usage_logs: AtomicU64,
     /// Units over those logs.
     pub usage_units: AtomicU64,
+    /// Bulk writes of usage records (each one batch of logs).
+    pub usage_writes: AtomicU64,
     /// Single-model process ends handled.
     pub process_ends: AtomicU64,
     /// Multi-model process ends handled.
@@ -47,9 +49,10 @@ impl Totals {
     /// A one-line summary.
     pub fn summary(&self) -> String {
         format!(
-            "{} usage logs ({} units), {} process ends, {} multi-model ends, {} credits, {} duplicates",
+            "{} usage logs ({} units, {} bulk writes), {} process ends, {} multi-model ends, {} credits, {} duplicates",
             self.usage_logs.load(Ordering::Relaxed),
             self.usage_units.load(Ordering::Relaxed),
+            self.usage_writes.load(Ordering::Relaxed),
             self.process_ends.load(Ordering::Relaxed),
             self.multimodel_ends.load(Ordering::Relaxed),
             self.credits.load(Ordering::Relaxed),
@@ -113,13 +116,18 @@ impl App {
         let t = totals.clone();
         let usage_consumer = self
             .feature_usage
-            .start_consumer(&usage, concurrency, move |log, meta| {
+            .start_bulk_consumer(&usage, concurrency, move |logs| {
                 let t = t.clone();
                 async move {
-                    if t.first_time(meta.message.id()) {
-                        t.usage_logs.fetch_add(1, Ordering::Relaxed);
-                        t.usage_units.fetch_add(log.units, Ordering::Relaxed);
-                    }
+                    // One write for the batch (an app's: one multi-row INSERT).
+                    let fresh = logs
+                        .iter()
+                        .filter(|(_, meta)| t.first_time(meta.message.id()));
+                    let (count, units) =
+                        fresh.fold((0, 0), |(n, u), (log, _)| (n + 1, u + log.units));
+                    t.usage_writes.fetch_add(1, Ordering::Relaxed);
+                    t.usage_logs.fetch_add(count, Ordering::Relaxed);
+                    t.usage_units.fetch_add(units, Ordering::Relaxed);
                     Ok(())
                 }
             })

@@ -1,12 +1,18 @@
 //! The feature-usage-log module: every use of a product feature is logged
 //! as an event on `feature_usage_topic` and consumed by the app's
-//! `<app>-feature-usage-group` (for example to store it for billing reports).
+//! `<app>-feature-usage-group`, which writes the usage records in bulk (for
+//! example to store them for billing reports): one write per batch of up
+//! to [`BULK_MAX_RECORDS`] logs, or of what arrived within [`BULK_MAX_WAIT`].
 
 use std::future::Future;
+use std::time::Duration;
 
 use broker::serde::{Deserialize, Serialize};
 use broker::validator::Validate;
-use broker::{ConsumerHandle, Event, HandlerError, Publisher, PublisherExt, Received, Result};
+use broker::{
+    typed_batch, BatchError, ConsumerHandle, Event, Message, Publisher, PublisherExt, Received,
+    Result,
+};
 
 use broker::Endpoints;
 
@@ -14,6 +20,10 @@ use broker::Endpoints;
 pub const MODULE: &str = "feature_usage";
 /// The topic of feature usage logs.
 pub const TOPIC: &str = "feature_usage_topic";
+/// Most usage records in one bulk write.
+pub const BULK_MAX_RECORDS: usize = 500;
+/// Longest a usage log waits for others to join its bulk write.
+pub const BULK_MAX_WAIT: Duration = Duration::from_millis(200);
 
 /// One use of a feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
@@ -81,21 +91,58 @@ impl FeatureUsage {
         publisher.publish_event_to(&self.topic, log, None).await
     }
 
-    /// Starts the module's consumer: `handle` gets each decoded, validated
-    /// log; undecodable or invalid payloads go to `feature_usage_topic.dlq`
-    /// without reaching it.
-    pub async fn start_consumer<F, Fut>(
+    /// Publishes several logs at once (a client flushing its buffer): all
+    /// are validated before any is sent, then sent pipelined.
+    pub async fn send_feature_usage_logs(
+        &self,
+        publisher: &dyn Publisher,
+        logs: &[FeatureUsageLog],
+    ) -> Result<()> {
+        let messages = logs
+            .iter()
+            .map(Event::to_message)
+            .collect::<Result<Vec<Message>>>()?;
+        publisher.publish_batch(&self.topic, messages).await
+    }
+
+    /// Starts the module's consumer, which writes usage records in bulk:
+    /// `write` gets up to [`BULK_MAX_RECORDS`] decoded, validated logs (or
+    /// what arrived within [`BULK_MAX_WAIT`] of the first), each user's in
+    /// order, with their message metadata. `Ok` acknowledges them all; a
+    /// failed write (any error) retries each log on its own, and
+    /// [`BatchError::failed`] fails single logs (retried alone, then
+    /// dead-lettered). Undecodable or invalid payloads go to
+    /// `feature_usage_topic.dlq` without reaching `write`.
+    ///
+    /// ```no_run
+    /// # async fn run(endpoints: broker::Endpoints) -> broker::Result<()> {
+    /// use examples::feature_usage::{FeatureUsage, FeatureUsageLog};
+    /// use broker::{BatchError, Received};
+    /// let consumer = FeatureUsage::new("billing")
+    ///     .start_bulk_consumer(&endpoints, 4, |logs: Vec<(FeatureUsageLog, Received)>| async move {
+    ///         // e.g. one INSERT ... VALUES (..), (..) for the whole batch
+    ///         println!("writing {} usage records", logs.len());
+    ///         Ok::<(), BatchError>(())
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_bulk_consumer<F, Fut>(
         &self,
         endpoints: &Endpoints,
         concurrency: usize,
-        handle: F,
+        write: F,
     ) -> Result<ConsumerHandle>
     where
-        F: Fn(FeatureUsageLog, Received) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+        F: Fn(Vec<(FeatureUsageLog, Received)>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BatchError>> + Send + 'static,
     {
         endpoints
-            .start_typed(&self.topic, &self.group, concurrency, handle)
+            .consumer(&self.topic, &self.group)
+            .concurrency(concurrency)
+            .batch(BULK_MAX_RECORDS, BULK_MAX_WAIT)
+            .batch_handler(typed_batch(write))
+            .start()
             .await
     }
 }

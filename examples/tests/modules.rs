@@ -1,6 +1,7 @@
 //! The two example modules, wired as the app wires them, on each backend:
-//! typed events published and consumed, invalid events refused at publish,
-//! undecodable payloads dead-lettered with their reason.
+//! typed events published and consumed (usage logs written in bulk),
+//! invalid events refused at publish, undecodable payloads dead-lettered
+//! with their reason.
 
 mod common;
 
@@ -74,11 +75,13 @@ async fn modules_work_on(brokers: Brokers) {
         .expect("subscribe to the dead letters");
     let running = app.start(4).await.expect("start the app");
 
+    // A client flushing its buffer of usage logs: they arrive together.
+    let logs: Vec<FeatureUsageLog> = (0..EVENTS).map(usage).collect();
+    app.feature_usage
+        .send_feature_usage_logs(&*usage_endpoints.publisher, &logs)
+        .await
+        .expect("send usage logs");
     for i in 0..EVENTS {
-        app.feature_usage
-            .send_feature_usage_log(&*usage_endpoints.publisher, &usage(i))
-            .await
-            .expect("send usage");
         app.credits_process
             .send_process_end(&*credits_endpoints.publisher, &end(i))
             .await
@@ -95,6 +98,13 @@ async fn modules_work_on(brokers: Brokers) {
     let refused = app
         .feature_usage
         .send_feature_usage_log(&*usage_endpoints.publisher, &invalid)
+        .await
+        .expect_err("units must be at least 1");
+    assert!(matches!(refused, BrokerError::Validation(_)), "{refused:?}");
+    // In a batch too, and then none of the batch is sent.
+    let refused = app
+        .feature_usage
+        .send_feature_usage_logs(&*usage_endpoints.publisher, &[usage(1), invalid])
         .await
         .expect_err("units must be at least 1");
     assert!(matches!(refused, BrokerError::Validation(_)), "{refused:?}");
@@ -149,6 +159,14 @@ async fn modules_work_on(brokers: Brokers) {
     assert_eq!(totals.credits.load(Ordering::Relaxed), EVENTS * 15);
     // Exactly the valid events: the refused ones never arrived.
     assert_eq!(totals.usage_logs.load(Ordering::Relaxed), EVENTS);
+    // Written in bulk: logs that arrived together share a write (four
+    // users, so at most four lanes, each writing its users' logs).
+    let writes = totals.usage_writes.load(Ordering::Relaxed);
+    assert!(
+        (1..EVENTS).contains(&writes),
+        "{writes} bulk writes for {EVENTS} logs: {}",
+        totals.summary()
+    );
     assert_eq!(totals.process_ends.load(Ordering::Relaxed), EVENTS);
     assert_eq!(totals.multimodel_ends.load(Ordering::Relaxed), EVENTS);
     running
