@@ -13,6 +13,12 @@
 //! partitions are ignored: the new owner re-reads from the committed
 //! position (at-least-once).
 //!
+//! Delivery counts ([`crate::deliveries`]): the stream reads a partition's
+//! stored head before handing out its first record, stores the head before
+//! handing it out, and hands out one record at a time while a partition
+//! recovers from an unclean finish. `attempt` of each delivery comes from
+//! there.
+//!
 //! `nack(requeue)`: Kafka has no per-message nack. The record's offset stays
 //! unfinished (nothing at or after it is committed) and the stream hands the
 //! same record out again, in offset order among the buffered records of its
@@ -43,6 +49,7 @@ use broker_core::{
 use crate::client_config::{client_config, config_error, Role};
 use crate::codec::decode;
 use crate::context::{error_limited, log_limited, LogLimiter};
+use crate::deliveries::{CountStore, DeliveryCounts, STORE_TIMEOUT};
 use crate::tracker::{OffsetTracker, Token};
 use rdkafka::config::RDKafkaLogLevel;
 
@@ -72,8 +79,9 @@ struct Shared {
     topic: Arc<str>,
     /// Acks never wait for the lock: see [`Combining`].
     state: Combining<State, Acked>,
-    /// Driver → stream: a delivery is buffered (or the driver stopped).
-    ready: Notify,
+    /// Driver → stream: a delivery is buffered (or the driver stopped);
+    /// while a partition recovers, also acks and rebalances.
+    ready: Arc<Notify>,
     /// Ackers and rebalances → driver: unfinished deliveries went down.
     room: Arc<Notify>,
     /// True once the first assignment (possibly empty) arrived.
@@ -87,8 +95,12 @@ struct Shared {
 
 struct State {
     tracker: OffsetTracker,
+    /// Delivery counts of the owned partitions.
+    counts: DeliveryCounts,
     /// The driver's [`Shared::room`].
     room: Arc<Notify>,
+    /// The stream's [`Shared::ready`].
+    ready: Arc<Notify>,
     /// Acks wake the driver stopped at the prefetch bound only once the
     /// unfinished deliveries fall to this many (half the bound): it then
     /// refills in one burst instead of trading one wake-up per ack.
@@ -103,6 +115,7 @@ struct Record {
     message: Message,
     partition: i32,
     offset: i64,
+    attempt: u32,
 }
 
 /// A record waiting in the buffer.
@@ -113,6 +126,10 @@ struct Buffered {
     /// Handed out before, and given back with `nack(requeue)`.
     redelivered: bool,
     token: Token,
+    /// Decided just before the first hand-out (see [`State::next_step`]).
+    attempt: Option<u32>,
+    /// Delivery count to store before the hand-out.
+    store: Option<i64>,
 }
 
 enum Content {
@@ -162,6 +179,8 @@ impl Buffered {
             content: Content::Fetched(record),
             redelivered: false,
             token,
+            attempt: None,
+            store: None,
         }
     }
 
@@ -174,6 +193,7 @@ impl Buffered {
             message,
             partition: self.partition,
             offset: self.offset,
+            attempt: self.attempt.unwrap_or(1),
         };
         (record, self.redelivered, self.token)
     }
@@ -196,6 +216,106 @@ impl Apply<Acked> for State {
         if self.tracker.pending() <= self.resume_at {
             self.room.notify_one();
         }
+        // One at a time: the next hand-out waits for this.
+        if self.counts.serial() {
+            self.ready.notify_one();
+        }
+    }
+}
+
+/// What the stream does next.
+enum Step {
+    Deliver(Buffered),
+    Failed(BrokerError),
+    Finished,
+    Wait,
+    /// Commit these positions (asynchronously) first.
+    Commit(Vec<(i32, i64)>),
+    /// Read the stored delivery counts of these partitions (and epochs).
+    Read(Vec<(i32, u64)>),
+    /// Store the front record's delivery count first.
+    Store {
+        partition: i32,
+        token: Token,
+        value: i64,
+    },
+}
+
+impl State {
+    /// Deliveries handed out and not settled yet.
+    fn in_flight(&self) -> usize {
+        self.tracker.pending().saturating_sub(self.buffer.len())
+    }
+
+    /// True when no delivery of `partition` is handed out and unsettled.
+    fn settled(&self, partition: i32) -> bool {
+        let buffered = self
+            .buffer
+            .iter()
+            .filter(|b| b.partition == partition)
+            .count();
+        self.tracker.pending_in(partition) <= buffered
+    }
+
+    /// Forgets the delivery counts of `partitions` (revoked, or all at
+    /// close); returns the values marking them finished cleanly.
+    fn release_counts(&mut self, partitions: impl IntoIterator<Item = i32>) -> Vec<(i32, i64)> {
+        partitions
+            .into_iter()
+            .filter_map(|p| {
+                let settled = self.settled(p);
+                self.counts.release(p, settled).map(|value| (p, value))
+            })
+            .collect()
+    }
+
+    /// Hands out the front record, once its partition's count is read and
+    /// its own stored; while a partition recovers, only when nothing is in
+    /// flight, after committing what finished (`commit`: not done yet in
+    /// this call of `next`).
+    fn next_step(&mut self, commit: bool) -> Step {
+        if self.buffer.is_empty() {
+            return match (self.failure.take(), self.finished) {
+                (Some(e), _) => Step::Failed(e),
+                (None, true) => Step::Finished,
+                (None, false) => Step::Wait,
+            };
+        }
+        if self.counts.serial() {
+            if self.in_flight() > 0 {
+                return Step::Wait;
+            }
+            let commits = if commit {
+                self.tracker.take_commits()
+            } else {
+                Vec::new()
+            };
+            if !commits.is_empty() {
+                return Step::Commit(commits);
+            }
+        }
+        let Some(front) = self.buffer.front_mut() else {
+            return Step::Wait;
+        };
+        if front.attempt.is_none() {
+            if !self.counts.is_read(front.partition) {
+                return Step::Read(self.counts.unread());
+            }
+            let decision = self.counts.hand_out(front.partition, front.offset);
+            front.attempt = Some(decision.attempt);
+            front.store = decision.store;
+        }
+        if let Some(value) = front.store {
+            return Step::Store {
+                partition: front.partition,
+                token: front.token,
+                value,
+            };
+        }
+        match self.buffer.pop_front() {
+            Some(b) => Step::Deliver(b),
+            None => Step::Wait,
+        }
     }
 }
 
@@ -215,6 +335,7 @@ impl Shared {
 /// Rebalance and commit callbacks, run by librdkafka inside `recv`.
 struct GroupContext {
     shared: Arc<Shared>,
+    counts: Arc<CountStore>,
     /// librdkafka's logs, rate-limited like the producer's.
     limiter: LogLimiter,
 }
@@ -233,24 +354,35 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let partitions = self.shared.partitions_of(tpl);
-                let commits: Vec<(i32, i64)> = {
+                let (commits, clean) = {
                     let mut state = self.shared.lock();
+                    let clean = state.release_counts(partitions.iter().copied());
                     // Buffered but not handed out: the new owner gets them.
                     state.buffer.retain(|b| !partitions.contains(&b.partition));
-                    partitions
+                    let commits: Vec<(i32, i64)> = partitions
                         .iter()
                         .filter_map(|&p| state.tracker.revoke(p).map(|o| (p, o)))
-                        .collect()
+                        .collect();
+                    (commits, clean)
                 };
                 tracing::info!(topic = %self.shared.topic, ?partitions, "partitions revoked");
                 // A lost assignment belongs to someone else already: committing would fail.
-                if !commits.is_empty() && !consumer.assignment_lost() {
+                let lost = consumer.assignment_lost();
+                if !commits.is_empty() && !lost {
                     let tpl = offsets_list(&self.shared.topic, &commits);
                     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                         tracing::warn!(error = %e, "commit on revoke failed; finished messages may be redelivered");
                     }
                 }
+                // Finished cleanly: the next owner need not recover. If this
+                // is lost, it only recovers for nothing.
+                if !clean.is_empty() && !lost {
+                    if let Err(e) = self.counts.store(&clean, CommitMode::Async) {
+                        tracing::warn!(error = %e, "storing delivery counts on revoke failed");
+                    }
+                }
                 self.shared.room.notify_one();
+                self.shared.ready.notify_one();
             }
             Rebalance::Assign(tpl) => {
                 let partitions = self.shared.partitions_of(tpl);
@@ -258,6 +390,7 @@ impl ConsumerContext for GroupContext {
                 let mut state = self.shared.lock();
                 for p in partitions {
                     state.tracker.assign(p);
+                    state.counts.assign(p);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -312,27 +445,38 @@ pub(crate) async fn open(
     let (assigned, mut assigned_rx) = watch::channel(false);
     let prefetch = subscription.prefetch.max(1);
     let room = Arc::new(Notify::new());
+    let ready = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         topic: subscription.topic.as_str().into(),
         state: Combining::new(State {
             tracker: OffsetTracker::new(),
+            counts: DeliveryCounts::new(prefetch),
             room: room.clone(),
+            ready: ready.clone(),
             resume_at: prefetch / 2,
             buffer: VecDeque::new(),
             failure: None,
             finished: false,
         }),
-        ready: Notify::new(),
+        ready,
         room,
         assigned,
         closed: AtomicBool::new(false),
         assignments: AtomicU64::new(0),
     });
+    let counts = Arc::new(CountStore::new(
+        settings,
+        &subscription.group,
+        &subscription.topic,
+    )?);
     let mut config = client_config(settings, Role::Consumer);
     config.set("group.id", &subscription.group);
+    // Ends a partition's recovery once it is caught up (see `deliveries`).
+    config.set("enable.partition.eof", "true");
     let consumer: GroupConsumer = config
         .create_with_context(GroupContext {
             shared: shared.clone(),
+            counts: counts.clone(),
             limiter: LogLimiter::default(),
         })
         .map_err(config_error)?;
@@ -348,6 +492,7 @@ pub(crate) async fn open(
     let driver = tokio::spawn(drive(
         handle(),
         shared.clone(),
+        counts.clone(),
         prefetch,
         options.clone(),
         stop_rx,
@@ -356,6 +501,7 @@ pub(crate) async fn open(
     let stream = KafkaStream {
         shared,
         consumer: Some(stream_handle),
+        counts: Some(counts),
         stop: Some(stop_tx),
         driver: Some(driver),
         close_timeout: options.close_timeout,
@@ -380,6 +526,7 @@ pub(crate) async fn open(
 async fn drive(
     consumer: ClientHandle,
     shared: Arc<Shared>,
+    counts: Arc<CountStore>,
     prefetch: usize,
     options: ConsumerOptions,
     mut stop: oneshot::Receiver<()>,
@@ -457,6 +604,10 @@ async fn drive(
                                 set_paused(&consumer, true);
                             }
                         }
+                        Err(KafkaError::PartitionEOF(partition)) => {
+                            hand_over(&shared, &mut chunk);
+                            caught_up(&shared, partition);
+                        }
                         Err(e) => {
                             hand_over(&shared, &mut chunk);
                             if is_fatal(&e) {
@@ -478,10 +629,12 @@ async fn drive(
     };
     drop(records);
 
-    let commits = {
+    let (commits, clean) = {
         let mut state = shared.lock();
+        let owned = state.counts.owned();
+        let clean = state.release_counts(owned);
         state.buffer.clear();
-        state.tracker.close()
+        (state.tracker.close(), clean)
     };
     let topic = shared.topic.clone();
     let leave = tokio::task::spawn_blocking(move || {
@@ -491,6 +644,11 @@ async fn drive(
                 .commit(&offsets_list(&topic, &commits), CommitMode::Sync)
                 .map_err(|e| BrokerError::backend("kafka", e)),
         };
+        // Partitions with nothing abandoned finished cleanly.
+        if let Err(e) = counts.store(&clean, CommitMode::Sync) {
+            tracing::warn!(error = %e, "storing delivery counts at close failed");
+        }
+        drop(counts);
         // Leaves the group: its partitions go to the other members at once.
         // The client closes when the stream lets its handle go too.
         consumer.unsubscribe();
@@ -537,6 +695,18 @@ fn hand_over(shared: &Shared, chunk: &mut Vec<Fetched>) {
     }
 }
 
+/// librdkafka reached the end of `partition`: a recovery of it ends (once
+/// what was received is handed out).
+fn caught_up(shared: &Shared, partition: i32) {
+    let mut state = shared.lock();
+    let serial = state.counts.serial();
+    let last = state.tracker.last_received(partition);
+    state.counts.caught_up(partition, last);
+    if serial && !state.counts.serial() {
+        shared.ready.notify_one();
+    }
+}
+
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -578,6 +748,11 @@ fn set_paused(consumer: &GroupConsumer, pause: bool) {
 /// comes back through `commit_callback`).
 fn commit_finished(consumer: &GroupConsumer, shared: &Shared) {
     let commits = shared.lock().tracker.take_commits();
+    send_commits(consumer, shared, commits);
+}
+
+/// Commits `commits` asynchronously (taken from the tracker).
+fn send_commits(consumer: &GroupConsumer, shared: &Shared, commits: Vec<(i32, i64)>) {
     if commits.is_empty() {
         return;
     }
@@ -597,6 +772,8 @@ struct KafkaStream {
     /// driver may let its handle go meanwhile); released on a blocking
     /// thread, as the last handle's drop closes the consumer.
     consumer: Option<ClientHandle>,
+    /// The delivery counts' client (released with the consumer's handle).
+    counts: Option<Arc<CountStore>>,
     stop: Option<oneshot::Sender<()>>,
     driver: Option<JoinHandle<Result<()>>>,
     close_timeout: Duration,
@@ -604,29 +781,33 @@ struct KafkaStream {
 
 #[async_trait]
 impl DeliveryStream for KafkaStream {
-    // Cancel-safe: the only await is the wake-up; a delivery leaves the
-    // buffer only in the same synchronous step that returns it.
+    // Cancel-safe: a delivery leaves the buffer only in the same
+    // synchronous step that returns it; reads and stores of delivery counts
+    // are kept in the state and are harmless to repeat.
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        let mut commit = true;
         loop {
             let notified = self.shared.ready.notified();
-            let popped = {
-                let mut state = self.shared.lock();
-                let popped = state.buffer.pop_front();
-                if popped.is_none() {
-                    if let Some(e) = state.failure.take() {
-                        return Some(Err(e));
-                    }
-                    if state.finished {
-                        return None;
+            let step = self.shared.lock().next_step(commit);
+            match step {
+                // Decoded outside the lock: the driver and ackers need it.
+                Step::Deliver(b) => return Some(Ok(self.delivery(b))),
+                Step::Failed(e) => return Some(Err(e)),
+                Step::Finished => return None,
+                Step::Wait => notified.await,
+                Step::Commit(commits) => {
+                    commit = false;
+                    if let Some(consumer) = &self.consumer {
+                        send_commits(consumer, &self.shared, commits);
                     }
                 }
-                popped
-            };
-            // Decoded outside the lock: the driver and ackers need it.
-            if let Some(b) = popped {
-                return Some(Ok(self.delivery(b)));
+                Step::Read(partitions) => self.read_counts(partitions).await,
+                Step::Store {
+                    partition,
+                    token,
+                    value,
+                } => self.store_count(partition, token, value).await,
             }
-            notified.await;
         }
     }
 
@@ -668,10 +849,10 @@ impl KafkaStream {
         let received = Received {
             message: record.message.clone(),
             topic: self.shared.topic.clone(),
-            redelivered,
+            redelivered: redelivered || record.attempt > 1,
             partition: Some(record.partition),
             offset: Some(record.offset),
-            attempt: 1,
+            attempt: record.attempt,
         };
         let acker = KafkaAcker {
             shared: self.shared.clone(),
@@ -684,11 +865,58 @@ impl KafkaStream {
     /// Lets the stream's handle of the client go, on a blocking thread (if
     /// it is the last, its drop closes the consumer).
     fn release(&mut self) -> Option<JoinHandle<()>> {
+        let counts = self.counts.take();
         let consumer = self.consumer.take()?;
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(runtime.spawn_blocking(move || {
             drop(consumer);
+            drop(counts);
         }))
+    }
+
+    /// Reads the stored delivery counts of `partitions` (on a blocking
+    /// thread). A failed read makes them recover.
+    async fn read_counts(&self, partitions: Vec<(i32, u64)>) {
+        let ids: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
+        let values = match self.counts.clone() {
+            Some(store) => blocking(move || store.read(&ids, STORE_TIMEOUT)).await,
+            None => Err("subscription closed".to_owned()),
+        };
+        if let Err(e) = &values {
+            tracing::warn!(error = %e, topic = %self.shared.topic, "reading delivery counts failed; the partitions recover from an unclean finish");
+        }
+        let mut state = self.shared.lock();
+        for (partition, epoch) in partitions {
+            let value = match &values {
+                Ok(values) => Ok(values
+                    .iter()
+                    .find(|&&(p, _)| p == partition)
+                    .and_then(|&(_, v)| v)),
+                Err(_) => Err(()),
+            };
+            state.counts.read(partition, epoch, value);
+        }
+    }
+
+    /// Stores the delivery count of the front record (hand-out `token`) on
+    /// a blocking thread; then it may be handed out. A failed store is
+    /// reported and the record handed out all the same.
+    async fn store_count(&self, partition: i32, token: Token, value: i64) {
+        let stored = match self.counts.clone() {
+            Some(store) => {
+                blocking(move || store.store(&[(partition, value)], CommitMode::Sync)).await
+            }
+            None => Err("subscription closed".to_owned()),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, topic = %self.shared.topic, partition, "storing a delivery count failed; a crash now is not counted");
+        }
+        let mut state = self.shared.lock();
+        if let Some(front) = state.buffer.front_mut() {
+            if front.token == token {
+                front.store = None;
+            }
+        }
     }
 }
 
@@ -748,10 +976,29 @@ impl Acker for KafkaAcker {
             offset,
             redelivered: true,
             token,
+            // Counted in this process only: nothing to store.
+            attempt: Some(self.record.attempt.saturating_add(1)),
+            store: None,
         };
         state.buffer.insert(at, requeued);
         drop(state);
         self.shared.ready.notify_one();
         Ok(())
+    }
+}
+
+/// Runs `f` on a blocking thread for at most [`STORE_TIMEOUT`] (plus a
+/// second); errors as text.
+async fn blocking<T, F>(f: F) -> std::result::Result<T, String>
+where
+    F: FnOnce() -> KafkaResult<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let bound = STORE_TIMEOUT + Duration::from_secs(1);
+    match tokio::time::timeout(bound, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(join)) => Err(join.to_string()),
+        Err(_) => Err(format!("no answer within {bound:?}")),
     }
 }

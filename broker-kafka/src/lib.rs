@@ -11,6 +11,21 @@
 //!   partition, so concurrency never commits past a message still being
 //!   handled; revoked partitions commit what finished and are re-read by
 //!   their new owner (at-least-once).
+//! - Delivery counts survive crashes, for the consumer runtime's delivery
+//!   limit: per partition, the companion consumer group
+//!   `{group}.delivery-counts` (it never has members) keeps the *head*
+//!   record, the first one handed out in an assignment, and how often it
+//!   was handed out unsettled, packed into its committed offset as
+//!   `offset << 10 | count`. The head is stored before it is handed out and
+//!   `Received::attempt` is 1 + that count. After an unclean finish (a
+//!   crash, a lost partition, deliveries abandoned at close) the next owner
+//!   hands out one record at a time, storing each as the new head, until
+//!   twice the prefetch or the end of the partition: the record that crashes
+//!   the consumer becomes the head and counts up. Cost: one extra client per
+//!   subscription, one read and one synchronous commit per partition and
+//!   assignment, nothing per message except while recovering. The group
+//!   needs `Read` on `{group}.delivery-counts` under ACLs; lag tools show
+//!   it with meaningless offsets.
 //! - Topics (and their `{topic}.dlq`) are created when first used, with
 //!   [`TopicSpec`] (disable with [`KafkaBrokerBuilder::auto_create_topics`]).
 //! - Every entry of [`KafkaSettings::properties`] goes to librdkafka as is
@@ -53,6 +68,7 @@ mod client_config;
 mod codec;
 mod consumer;
 mod context;
+mod deliveries;
 mod lag;
 mod refusal;
 mod tracker;

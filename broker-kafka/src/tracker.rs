@@ -149,6 +149,20 @@ impl OffsetTracker {
         self.pending
     }
 
+    /// Offsets of `partition` received and not yet acked.
+    pub(crate) fn pending_in(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).map_or(0, count_pending)
+    }
+
+    /// The highest offset of `partition` received since it was assigned.
+    pub(crate) fn last_received(&self, partition: i32) -> Option<i64> {
+        let p = self.partitions.get(&partition)?;
+        p.slots
+            .last_key_value()
+            .map(|(&offset, _)| offset)
+            .or(p.position.map(|next| next - 1))
+    }
+
     /// True if `partition` is currently owned.
     #[cfg(test)]
     pub(crate) fn owns(&self, partition: i32) -> bool {
@@ -324,6 +338,37 @@ mod tests {
         let b = receive(&mut t, 0, [7]);
         assert!(t.ack(0, 7, b[0]));
         assert_eq!(t.take_commits(), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn pending_and_last_received_per_partition() {
+        let mut t = OffsetTracker::new();
+        t.assign(0);
+        assert_eq!(t.last_received(0), None);
+        assert_eq!(t.last_received(1), None, "not owned");
+        let a = receive(&mut t, 0, [4, 5, 6]);
+        let b = receive(&mut t, 1, [9]);
+        assert_eq!((t.pending_in(0), t.pending_in(1)), (3, 1));
+        assert_eq!(t.last_received(0), Some(6));
+        assert!(t.ack(0, 6, a[2]));
+        assert_eq!(t.pending_in(0), 2);
+        assert_eq!(
+            t.last_received(0),
+            Some(6),
+            "acked, still below an unfinished one"
+        );
+        assert!(t.ack(0, 4, a[0]));
+        assert!(t.ack(0, 5, a[1]));
+        assert_eq!(t.pending_in(0), 0);
+        assert_eq!(
+            t.last_received(0),
+            Some(6),
+            "from the position once all finished"
+        );
+        assert!(t.ack(1, 9, b[0]));
+        assert_eq!(t.last_received(1), Some(9));
+        t.assign(0);
+        assert_eq!(t.last_received(0), None, "a new assignment starts over");
     }
 
     #[test]

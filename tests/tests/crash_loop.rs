@@ -182,21 +182,27 @@ async fn kafka_poison_message_that_kills_the_consumer_reaches_the_dlq() {
         return;
     }
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
+    let spec = broker_kafka::TopicSpec::default()
+        .partitions(3)
+        .replication_factor(1);
     let broker = Arc::new(
         broker_kafka::KafkaBroker::builder(
             broker_core::config::KafkaSettings::new(brokers).client_id("crash-loop-test"),
         )
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
-        .topic_spec(
-            broker_kafka::TopicSpec::default()
-                .partitions(1)
-                .replication_factor(1),
-        )
+        .topic_spec(spec.clone())
         .connect()
         .await
         .expect("connect"),
     );
     let topic = unique("crash.kafka");
+    // Created before the consumer subscribes, with 3 partitions: the poison
+    // message shares the consumer with records of other partitions, whose
+    // delivery counts must not grow with its crashes.
+    broker
+        .create_topic_with_dlq(&topic, &spec)
+        .await
+        .expect("create the topic");
     crash_loop("kafka", &topic, broker.clone(), broker.clone(), "crash-dlq").await;
 }
