@@ -91,6 +91,26 @@ pub enum BrokerError {
         reason: String,
     },
 
+    /// The delay asked of a delayed publish is above the largest delay tier
+    /// ([`crate::delay::MAX_DELAY`]); nothing was sent.
+    #[error("a delay of {delay:?} is above the longest delay, {max:?}")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: Duration,
+        /// The longest delay accepted.
+        max: Duration,
+    },
+
+    /// The publisher cannot do what was asked (a delayed publish on a
+    /// backend without delayed publish, say); nothing was sent.
+    #[error("{backend} does not support {operation}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What it cannot do.
+        operation: &'static str,
+    },
+
     /// A consumer was started without something it needs.
     #[error("consumer misconfigured: {0}")]
     Misconfigured(&'static str),

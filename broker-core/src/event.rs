@@ -1,5 +1,7 @@
 //! Typed events: JSON with `serde`, checked with `validator` on both sides.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};
 use validator::Validate;
@@ -93,6 +95,38 @@ pub trait PublisherExt: Publisher {
             msg = msg.caused_by(cause);
         }
         self.publish(topic, msg).await
+    }
+
+    /// Validates and encodes `event` now, and publishes it to
+    /// [`Event::TOPIC`] for delivery after `delay`
+    /// ([`Publisher::publish_after`]: rounded up to the next delay tier).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> broker_core::Result<()> {
+    /// use std::time::Duration;
+    /// use serde::{Deserialize, Serialize};
+    /// use broker_core::{Event, MemoryBroker, PublisherExt};
+    ///
+    /// #[derive(Serialize, Deserialize, validator::Validate)]
+    /// struct TrialEnding {
+    ///     #[validate(length(min = 1))]
+    ///     account: String,
+    /// }
+    /// impl Event for TrialEnding {
+    ///     const TOPIC: &'static str = "billing.trials.ending";
+    /// }
+    ///
+    /// let broker = MemoryBroker::new();
+    /// let event = TrialEnding { account: "a-1".into() };
+    /// broker.publish_event_after(&event, Duration::from_secs(5)).await?;
+    /// // Invalid events fail at once; nothing is scheduled.
+    /// let invalid = TrialEnding { account: "".into() };
+    /// assert!(broker.publish_event_after(&invalid, Duration::from_secs(5)).await.is_err());
+    /// # Ok(()) }
+    /// ```
+    async fn publish_event_after<E: Event>(&self, event: &E, delay: Duration) -> Result<()> {
+        self.publish_after(E::TOPIC, event.to_message()?, delay)
+            .await
     }
 }
 

@@ -24,6 +24,10 @@ use crate::{Health, Publisher};
 /// let publisher = Instrumented::new(MemoryBroker::new());
 /// publisher.publish("demo.things.happened", Message::new("x")).await?;
 /// assert_eq!(publisher.metrics().snapshot().published, 1);
+/// // Delayed publishes go through the same layer.
+/// let delay = std::time::Duration::from_millis(10);
+/// publisher.publish_after("demo.things.happened", Message::new("y"), delay).await?;
+/// assert_eq!(publisher.metrics().snapshot().published, 2);
 /// # Ok(()) }
 /// ```
 pub struct Instrumented<P> {
@@ -106,6 +110,36 @@ impl<P: Publisher> Publisher for Instrumented<P> {
         }
         if let Err(e) = &result {
             tracing::warn!(topic, error = %e, "batch publish failed");
+        }
+        result
+    }
+
+    /// Like `publish`, in a `publish` span that also records the delay;
+    /// counted as published once the broker accepted it (not when due).
+    async fn publish_after(
+        &self,
+        topic: &str,
+        mut message: Message,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        let span = tracing::info_span!(
+            "publish",
+            topic,
+            message_id = %message.id(),
+            correlation_id = message.correlation_id().unwrap_or_default(),
+            traceparent = tracing::field::Empty,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        );
+        trace_context(&span, &mut message);
+        span.record("traceparent", message.traceparent().unwrap_or_default());
+        let result = self
+            .inner
+            .publish_after(topic, message, delay)
+            .instrument(span)
+            .await;
+        match &result {
+            Ok(()) => self.count_published(topic, 1),
+            Err(e) => tracing::warn!(topic, error = %e, "delayed publish failed"),
         }
         result
     }

@@ -38,6 +38,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -46,6 +47,7 @@ pub mod batch;
 pub mod combining;
 pub mod config;
 pub mod consumer;
+pub mod delay;
 pub mod delivery;
 pub mod error;
 pub mod event;
@@ -109,6 +111,52 @@ pub trait Publisher: Send + Sync {
         let results =
             futures::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await;
         batch_result(results)
+    }
+
+    /// Publishes one message that consumers get once `delay` has passed,
+    /// and waits for the broker to accept it.
+    ///
+    /// The delay is rounded up to the next [delay tier](delay::Tier) (1 s,
+    /// 5 s, 30 s, 2 min, 10 min, 1 h, 6 h, 24 h): the message is never early
+    /// and at most one tier late (plus the broker's own latency). A delay of
+    /// zero publishes at once, as [`Publisher::publish`]; one above
+    /// [`delay::MAX_DELAY`] fails with [`BrokerError::DelayTooLong`], nothing
+    /// sent. Messages of one tier arrive in the order they were published;
+    /// a shorter tier published later can overtake a longer one.
+    ///
+    /// While it waits, the message is kept by the broker (RabbitMQ: a delay
+    /// queue per topic and tier), so it survives consumer restarts; the
+    /// in-memory backend keeps it in the process only. It goes to the
+    /// groups subscribed when it is due, like a message published then.
+    ///
+    /// The default implementation, for publishers without delayed publish,
+    /// fails with [`BrokerError::Unsupported`] for any delay above zero.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> broker_core::Result<()> {
+    /// use std::time::Duration;
+    /// use broker_core::{MemoryBroker, Message, Publisher, Subscriber, Subscription};
+    /// let broker = MemoryBroker::new();
+    /// let mut stream = broker.subscribe(Subscription::new("demo.reminders.due", "mailer")).await?;
+    /// let started = std::time::Instant::now();
+    /// // Rounded up to the 1 s tier.
+    /// broker
+    ///     .publish_after("demo.reminders.due", Message::new("ping"), Duration::from_millis(300))
+    ///     .await?;
+    /// let delivery = stream.next().await.unwrap()?;
+    /// assert!(started.elapsed() >= Duration::from_secs(1));
+    /// assert_eq!(delivery.message().payload(), "ping");
+    /// delivery.ack().await?;
+    /// # Ok(()) }
+    /// ```
+    async fn publish_after(&self, topic: &str, message: Message, delay: Duration) -> Result<()> {
+        if delay::Tier::for_delay(delay)?.is_none() {
+            return self.publish(topic, message).await;
+        }
+        Err(BrokerError::Unsupported {
+            backend: self.backend_name(),
+            operation: "delayed publish",
+        })
     }
 
     /// Largest message (payload, key and headers) this publisher accepts.
@@ -181,6 +229,9 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     }
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         (**self).publish_batch(topic, messages).await
+    }
+    async fn publish_after(&self, topic: &str, message: Message, delay: Duration) -> Result<()> {
+        (**self).publish_after(topic, message, delay).await
     }
     fn max_message_bytes(&self) -> usize {
         (**self).max_message_bytes()

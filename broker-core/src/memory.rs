@@ -11,14 +11,26 @@
 //! its subscription closed fails with [`BrokerError::Closed`] (the message
 //! was already handed back), as on the other backends. Nothing survives the
 //! process.
+//!
+//! Delayed publish ([`Publisher::publish_after`]) keeps the message in the
+//! broker's timer queue for its [delay tier](crate::delay::Tier), then
+//! publishes it to the topic as if published then (so it goes to the groups
+//! subscribed at that time, and into the retention). A subscriber that
+//! stops and starts again meanwhile still gets it; the process ending
+//! loses it, like everything else here. Messages accepted before
+//! [`Publisher::close`] are still delivered when due.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 
 use crate::combining::{Apply, Combining};
+use crate::delay::Tier;
 use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
 use crate::message::{check_outgoing, Message};
@@ -49,6 +61,28 @@ struct Inner {
     max_message_bytes: usize,
     retention: usize,
     next_stream_id: AtomicU64,
+    delayed: Mutex<Delayed>,
+    /// Wakes the delay task: an earlier message arrived, or the broker went.
+    delay_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the delay task see the broker is gone and end.
+        self.delay_wake.notify_one();
+    }
+}
+
+/// Delayed messages waiting for their time.
+#[derive(Default)]
+struct Delayed {
+    /// By due time, then arrival: one tier's messages leave in the order
+    /// they came, as from a RabbitMQ delay queue.
+    waiting: BTreeMap<(Instant, u64), (String, Message)>,
+    next_seq: u64,
+    /// The task that publishes them when due (started on first use, again
+    /// if the runtime it ran on has gone).
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -239,6 +273,8 @@ impl MemoryBrokerBuilder {
                 max_message_bytes: self.max_message_bytes,
                 retention: self.retention,
                 next_stream_id: AtomicU64::new(1),
+                delayed: Mutex::default(),
+                delay_wake: Arc::default(),
             }),
         }
     }
@@ -307,6 +343,70 @@ impl MemoryBroker {
     }
 }
 
+impl MemoryBroker {
+    /// Keeps `message` until `due`, then publishes it to `topic`.
+    fn schedule(&self, topic: &str, message: Message, due: Instant) {
+        let mut delayed = lock(&self.inner.delayed);
+        let seq = delayed.next_seq;
+        delayed.next_seq += 1;
+        let earliest = delayed
+            .waiting
+            .keys()
+            .next()
+            .is_none_or(|(at, _)| due < *at);
+        delayed
+            .waiting
+            .insert((due, seq), (topic.to_owned(), message));
+        if delayed.task.as_ref().is_none_or(|t| t.is_finished()) {
+            let (inner, wake) = (Arc::downgrade(&self.inner), self.inner.delay_wake.clone());
+            delayed.task = Some(tokio::spawn(deliver_delayed(inner, wake)));
+        } else if earliest {
+            self.inner.delay_wake.notify_one();
+        }
+    }
+
+    /// Publishes the delayed messages that are due, in due order; returns
+    /// when the next one is.
+    fn publish_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let due = {
+            let mut delayed = lock(&self.inner.delayed);
+            let later = delayed.waiting.split_off(&(now, u64::MAX));
+            std::mem::replace(&mut delayed.waiting, later)
+        };
+        if !due.is_empty() {
+            let mut topics = self.topics();
+            for (topic, message) in due.into_values() {
+                self.append(&mut topics, &topic, message);
+            }
+        }
+        lock(&self.inner.delayed)
+            .waiting
+            .keys()
+            .next()
+            .map(|(at, _)| *at)
+    }
+}
+
+/// The delay task: publishes delayed messages when due; ends with the broker.
+async fn deliver_delayed(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = match inner.upgrade() {
+            Some(inner) => MemoryBroker { inner }.publish_due(),
+            None => return,
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
 // A poisoned lock only means another task panicked mid-update of plain
 // collections; the data is still consistent enough to keep serving.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -319,6 +419,18 @@ impl Publisher for MemoryBroker {
         self.check_open()?;
         check_outgoing(topic, &message, self.inner.max_message_bytes)?;
         self.append(&mut self.topics(), topic, message);
+        Ok(())
+    }
+
+    /// Keeps the message in this process for its delay tier, then publishes
+    /// it (see the module documentation).
+    async fn publish_after(&self, topic: &str, message: Message, delay: Duration) -> Result<()> {
+        self.check_open()?;
+        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
+        match Tier::for_delay(delay)? {
+            None => self.append(&mut self.topics(), topic, message),
+            Some(tier) => self.schedule(topic, message, Instant::now() + tier.duration()),
+        }
         Ok(())
     }
 
@@ -523,4 +635,112 @@ impl Acker for MemoryAcker {
             Ok(())
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn payloads(stream: &mut Box<dyn DeliveryStream>, n: usize) -> Vec<(String, Duration)> {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let d = stream.next().await.unwrap().unwrap();
+            let payload = String::from_utf8(d.message().payload().to_vec()).unwrap();
+            out.push((payload, started.elapsed()));
+            d.ack().await.unwrap();
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_messages_wait_their_tier_and_leave_in_due_order() {
+        let broker = MemoryBroker::new();
+        let topic = "demo.delays.ordered";
+        let mut stream = broker
+            .subscribe(Subscription::new(topic, "g"))
+            .await
+            .unwrap();
+        let publish = |payload: &'static str, ms: u64| {
+            let broker = broker.clone();
+            async move {
+                broker
+                    .publish_after(topic, Message::new(payload), Duration::from_millis(ms))
+                    .await
+                    .unwrap()
+            }
+        };
+        publish("late", 4_000).await; // 5 s tier
+        publish("first-1s", 300).await; // 1 s tier
+        publish("second-1s", 1_000).await; // 1 s tier, after first-1s
+        publish("now", 0).await;
+        let got = payloads(&mut stream, 4).await;
+        let order: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(order, ["now", "first-1s", "second-1s", "late"]);
+        assert!(got[0].1 < Duration::from_millis(10));
+        assert_eq!(got[1].1, Duration::from_secs(1));
+        assert_eq!(got[3].1, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_message_goes_to_the_groups_subscribed_when_it_is_due() {
+        let broker = MemoryBroker::builder().retention(0).build();
+        let topic = "demo.delays.late-group";
+        broker
+            .publish_after(topic, Message::new("m"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Subscribes after publishing, before it is due: still gets it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut stream = broker
+            .subscribe(Subscription::new(topic, "g"))
+            .await
+            .unwrap();
+        let got = payloads(&mut stream, 1).await;
+        assert_eq!(got[0].0, "m");
+        assert_eq!(got[0].1, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_delays_send_nothing() {
+        let broker = MemoryBroker::new();
+        let topic = "demo.delays.refused";
+        let mut stream = broker
+            .subscribe(Subscription::new(topic, "g"))
+            .await
+            .unwrap();
+        let too_long = crate::delay::MAX_DELAY + Duration::from_secs(1);
+        let refused = broker
+            .publish_after(topic, Message::new("x"), too_long)
+            .await;
+        assert!(matches!(refused, Err(BrokerError::DelayTooLong { .. })));
+        broker.close().await.unwrap();
+        let closed = broker
+            .publish_after(topic, Message::new("y"), Duration::from_secs(1))
+            .await;
+        assert!(matches!(closed, Err(BrokerError::Closed(_))));
+        let nothing = tokio::time::timeout(MAX_WAIT, stream.next()).await;
+        assert!(nothing.is_err(), "nothing may arrive");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_delay_task_ends_with_the_broker() {
+        let broker = MemoryBroker::new();
+        broker
+            .publish_after(
+                "demo.delays.dropped",
+                Message::new("x"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        let task = lock(&broker.inner.delayed).task.take().unwrap();
+        drop(broker);
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the task ends once the broker is gone")
+            .unwrap();
+    }
+
+    const MAX_WAIT: Duration = Duration::from_secs(25 * 3600);
 }

@@ -101,6 +101,16 @@ impl<P: Publisher, S: Publisher> Publisher for DualPublisher<P, S> {
         self.combine(topic, p, s)
     }
 
+    /// Delays on both brokers at once; each rounds the delay to the same
+    /// tier, so the copies fall due together.
+    async fn publish_after(&self, topic: &str, message: Message, delay: Duration) -> Result<()> {
+        let (p, s) = futures::join!(
+            self.primary.publish_after(topic, message.clone(), delay),
+            self.secondary.publish_after(topic, message, delay)
+        );
+        self.combine(topic, p, s)
+    }
+
     /// The primary's: the broker every publish reaches.
     fn backend_name(&self) -> &'static str {
         self.primary.backend_name()

@@ -31,6 +31,9 @@ impl TestBackend for Memory {
     async fn topic(&self, hint: &str) -> String {
         unique(hint)
     }
+    fn delayed_publish(&self) -> bool {
+        true
+    }
 }
 
 async fn memory() -> Memory {

@@ -21,12 +21,14 @@ use async_trait::async_trait;
 use crate::consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 mod batch;
 mod checks;
+mod delay;
 mod model;
 mod scale;
 mod semantics;
 
 pub use batch::*;
 pub use checks::*;
+pub use delay::*;
 pub use model::*;
 pub use scale::*;
 pub use semantics::*;
@@ -92,6 +94,13 @@ pub trait TestBackend: Send + Sync {
     fn dead_letter_archive_group(&self) -> Option<String> {
         None
     }
+    /// Whether the backend implements delayed publish
+    /// ([`Publisher::publish_after`]); the delay checks skip it otherwise.
+    /// A method rather than a [`Capabilities`] field so that backends
+    /// without it need no change.
+    fn delayed_publish(&self) -> bool {
+        false
+    }
 }
 
 /// Runs every check of the suite as its own `#[tokio::test]`.
@@ -143,6 +152,9 @@ macro_rules! conformance_tests {
             fifty_members_share_five_thousand,
             twenty_topics_with_the_same_ids,
             prefetch_bounds_unacked_deliveries,
+            delayed_publish_arrives_after_its_delay_exactly,
+            delayed_messages_arrive_in_due_order,
+            delayed_message_waits_through_a_consumer_restart,
             batch_handler_gets_bounded_batches,
             batch_partial_failure_settles_each_message,
             batch_keeps_per_key_order,
