@@ -16,8 +16,9 @@
 //!    batch of one), before the lane takes its next batch.
 //!
 //! Every message of a key goes to the same lane, so same-key messages reach
-//! the handler in order, and a failed message is settled before any later
-//! message of its lane is handled.
+//! the handler in order, and a failed message is retried or dead-lettered
+//! before the lane's next batch. (The messages after it in its own batch
+//! were decided in the same call: the handler chose to let them succeed.)
 //!
 //! A handler fails messages with a [`BatchError`]: all of them
 //! ([`BatchError::all`], or any error with `?`), or single ones by their

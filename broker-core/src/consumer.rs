@@ -120,7 +120,8 @@ impl ConsumerBuilder {
     /// `max_wait` (default [`crate::batch::DEFAULT_BATCH_WAIT`]). The ones
     /// that succeeded are acknowledged together; each failed one is retried
     /// and dead-lettered on its own, before the lane's next batch, so
-    /// same-key order holds. Replaces a [`ConsumerBuilder::handler`].
+    /// same-key order holds from batch to batch (see [`crate::batch`]).
+    /// Replaces a [`ConsumerBuilder::handler`].
     ///
     /// ```
     /// # use std::time::Duration;
