@@ -235,7 +235,16 @@ impl ConsumerBuilder {
             .unwrap_or(self.concurrency.saturating_mul(per_lane).saturating_mul(2));
         let stream = self
             .subscriber
-            .subscribe(Subscription::new(&self.topic, &self.group).with_prefetch(prefetch))
+            .subscribe({
+                let subscription =
+                    Subscription::new(&self.topic, &self.group).with_prefetch(prefetch);
+                // With a delivery limit, a crash must count against the
+                // message that caused it only.
+                match self.delivery_limit {
+                    Some(_) => subscription.isolating_redeliveries(),
+                    None => subscription,
+                }
+            })
             .await?;
         let (stop_tx, stop_rx) = watch::channel(None);
         let instruments =

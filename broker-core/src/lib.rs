@@ -204,6 +204,16 @@ pub struct Subscription {
     pub group: String,
     /// Most unacknowledged deliveries held at once.
     pub prefetch: usize,
+    /// Hand out what an earlier consumer left unsettled one at a time, each
+    /// only after the one before it is settled, before the rest (RabbitMQ:
+    /// prefetch 1 until the first delivery that is not a redelivery;
+    /// Kafka: a partition whose last owner did not finish cleanly, record
+    /// by record). A message that crashes the consumer again is then the
+    /// only one whose delivery count grows, not its prefetched neighbours'.
+    /// The consumer runtime asks for it when its delivery limit is on; a
+    /// reader that holds deliveries without settling them (a listing)
+    /// must not.
+    pub isolate_redeliveries: bool,
 }
 
 impl Subscription {
@@ -213,11 +223,18 @@ impl Subscription {
             topic: topic.into(),
             group: group.into(),
             prefetch: 16,
+            isolate_redeliveries: false,
         }
     }
     /// Sets the prefetch (at least 1).
     pub fn with_prefetch(mut self, prefetch: usize) -> Self {
         self.prefetch = prefetch.max(1);
+        self
+    }
+    /// Hands out unsettled leftovers one at a time first; see
+    /// [`Subscription::isolate_redeliveries`].
+    pub fn isolating_redeliveries(mut self) -> Self {
+        self.isolate_redeliveries = true;
         self
     }
 }

@@ -69,12 +69,16 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
     let opened = async {
         let queue = topology::declare_subscription(inner, &channel, &sub.topic, &sub.group).await?;
         inner.publisher.bound(&sub.topic);
-        // Cautious start: one message at a time until the first delivery
-        // that is not a redelivery. What a crashed consumer left behind
+        // Cautious start (asked for by the consumer runtime): one message
+        // at a time until the first delivery that is not a redelivery. What a crashed consumer left behind
         // comes first; handled alone, a message that crashes the process
         // again is the only one the queue counts another delivery for,
         // instead of every prefetched neighbour (see `earlier_deliveries`).
-        let consumer = consume(inner, &channel, &queue, 1).await?;
+        let first_prefetch = match sub.isolate_redeliveries {
+            true => 1,
+            false => sub.prefetch,
+        };
+        let consumer = consume(inner, &channel, &queue, first_prefetch).await?;
         Ok((queue, consumer))
     };
     match opened.await {
@@ -82,7 +86,7 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
             channel,
             consumer,
             queue,
-            cautious: true,
+            cautious: sub.isolate_redeliveries,
         }),
         Err(f) => {
             // Do not leave a half-set-up channel open.
