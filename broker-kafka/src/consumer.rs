@@ -849,7 +849,7 @@ impl KafkaStream {
         let received = Received {
             message: record.message.clone(),
             topic: self.shared.topic.clone(),
-            redelivered: redelivered || record.attempt > 1,
+            redelivered,
             partition: Some(record.partition),
             offset: Some(record.offset),
             attempt: record.attempt,
