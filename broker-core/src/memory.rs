@@ -102,7 +102,10 @@ struct GroupQueue {
 struct QueueState {
     /// Wakes the members to look at their inboxes.
     changed: Arc<tokio::sync::Notify>,
+    /// In publish order (`Pending::seq`), returned messages included.
     ready: VecDeque<Pending>,
+    /// Sequence number of the next message queued.
+    next_seq: u64,
     /// Delivered to a member and not settled, by tag, with the member's id.
     unacked: BTreeMap<u64, (Pending, u64)>,
     members: Vec<Member>,
@@ -145,9 +148,28 @@ impl QueueState {
         }
         if requeue {
             pending.returned += 1;
-            self.ready.push_front(pending);
+            self.requeue(pending);
         }
         Ok(())
+    }
+
+    /// Queues a new message at the end.
+    fn push(&mut self, message: Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ready.push_back(Pending {
+            message,
+            returned: 0,
+            seq,
+        });
+    }
+
+    /// Puts a returned message back in its publish-order place, so that
+    /// messages returned together (a nack per queued delivery at shutdown,
+    /// a closed stream) come back in their order, as a queue's do.
+    fn requeue(&mut self, pending: Pending) {
+        let at = self.ready.partition_point(|p| p.seq < pending.seq);
+        self.ready.insert(at, pending);
     }
 
     /// Pushes ready messages to members with room, round-robin.
@@ -187,7 +209,7 @@ impl QueueState {
         for tag in held.into_iter().rev() {
             if let Some((mut pending, _)) = self.unacked.remove(&tag) {
                 pending.returned += 1;
-                self.ready.push_front(pending);
+                self.requeue(pending);
             }
         }
         self.dispatch();
@@ -243,6 +265,8 @@ struct Pending {
     /// Times it went back to the queue unsettled (nack with requeue, or
     /// its holder's stream closed): the delivery count of quorum queues.
     returned: u32,
+    /// Publish order within the group's queue.
+    seq: u64,
 }
 
 /// Options for [`MemoryBroker`].
@@ -327,10 +351,7 @@ impl MemoryBroker {
         let t = topics.get_mut(topic).expect("just ensured");
         for queue in t.groups.values() {
             queue.update(|q| {
-                q.ready.push_back(Pending {
-                    message: message.clone(),
-                    returned: 0,
-                });
+                q.push(message.clone());
                 q.dispatch();
             });
         }
@@ -485,13 +506,12 @@ impl Subscriber for MemoryBroker {
                 .entry(subscription.group.clone())
                 .or_insert_with(|| {
                     let queue = GroupQueue::new();
-                    queue.state.lock().ready = retained
-                        .iter()
-                        .map(|m| Pending {
-                            message: m.clone(),
-                            returned: 0,
-                        })
-                        .collect();
+                    {
+                        let mut state = queue.state.lock();
+                        for m in retained {
+                            state.push(m.clone());
+                        }
+                    }
                     Arc::new(queue)
                 })
                 .clone()
@@ -640,6 +660,55 @@ impl Acker for MemoryAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn returned_messages_come_back_in_publish_order_with_their_count() {
+        let broker = MemoryBroker::new();
+        let mut stream = broker
+            .subscribe(Subscription::new("t", "g").with_prefetch(10))
+            .await
+            .unwrap();
+        for i in 0..6 {
+            broker
+                .publish("t", Message::new(i.to_string()))
+                .await
+                .unwrap();
+        }
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(stream.next().await.unwrap().unwrap());
+        }
+        // Ack the first, return 1..=3 in order (as the runtime does with
+        // queued deliveries at shutdown), leave 4 and 5 to the closing stream.
+        let mut held = held.into_iter();
+        held.next().unwrap().ack().await.unwrap();
+        for d in held.by_ref().take(3) {
+            d.nack(true).await.unwrap();
+        }
+        let rest: Vec<Delivery> = held.collect();
+        stream.close().await.unwrap();
+        drop(rest);
+        let mut again = broker
+            .subscribe(Subscription::new("t", "g").with_prefetch(10))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let d = again.next().await.unwrap().unwrap();
+            seen.push((
+                String::from_utf8(d.message().payload().to_vec()).unwrap(),
+                d.received.attempt,
+                d.received.redelivered,
+            ));
+            d.ack().await.unwrap();
+        }
+        // 1..=3 went back twice: by the nack, then (delivered again to the
+        // open stream) by its close; 4 and 5 once, by the close.
+        let expected: Vec<(String, u32, bool)> = (1..6)
+            .map(|i| (i.to_string(), if i <= 3 { 3 } else { 2 }, true))
+            .collect();
+        assert_eq!(seen, expected);
+    }
 
     async fn payloads(stream: &mut Box<dyn DeliveryStream>, n: usize) -> Vec<(String, Duration)> {
         let started = Instant::now();
