@@ -9,11 +9,11 @@ use broker_kafka::{KafkaBroker, TopicSpec};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::abstraction;
-use crate::measure::{batched, windowed, Arrivals, Outcome};
+use crate::abstraction::{self, Work, IO_WAIT};
+use crate::measure::{batched, windowed, Arrivals, KeyOrder, Outcome};
 use crate::Params;
 
-async fn broker(p: &Params) -> KafkaBroker {
+pub(crate) async fn broker(p: &Params) -> KafkaBroker {
     KafkaBroker::builder(
         KafkaSettings::new(&p.kafka_brokers)
             .client_id("bench")
@@ -27,7 +27,7 @@ async fn broker(p: &Params) -> KafkaBroker {
     .expect("connect to Kafka")
 }
 
-async fn topic(b: &KafkaBroker, hint: &str) -> String {
+pub(crate) async fn topic(b: &KafkaBroker, hint: &str) -> String {
     let topic = format!("bench.{hint}.{}", uuid::Uuid::new_v4().simple());
     b.create_topic_with_dlq(&topic, &TopicSpec::default().partitions(3))
         .await
@@ -121,9 +121,9 @@ pub async fn outbox_lib(p: &Params) -> Outcome {
 }
 
 /// A topic holding `n` messages, for the consumers.
-async fn filled(p: &Params, b: &KafkaBroker, hint: &str) -> String {
+async fn filled(p: &Params, b: &KafkaBroker, hint: &str, work: Work) -> String {
     let topic = topic(b, hint).await;
-    abstraction::fill(p, b, &topic).await;
+    abstraction::fill(p, b, &topic, work).await;
     topic
 }
 
@@ -134,23 +134,53 @@ pub enum RawWork {
     Nothing,
     /// Reads key, payload and headers into owned values, as a handler
     /// that uses them (ids, trace context) must: the abstraction's decode.
+    /// The reference loop of the consume rows.
     Read,
+    /// Reads as [`RawWork::Read`], checks the key's order, awaits 1 ms:
+    /// the sequential loop of the simulated-I/O rows ([`sequential_n`]
+    /// messages, about a millisecond each).
+    Io,
+}
+
+/// Messages of a sequential loop whose handler awaits 1 ms, for a run of
+/// `n`: a quarter, 100 to 2,000 (a second or more at about a millisecond
+/// each; the rate is what matters).
+pub fn sequential_n(n: usize) -> usize {
+    (n / 4).clamp(100, 2_000).min(n)
 }
 
 /// Raw `StreamConsumer`: store each offset, commit asynchronously every
 /// 200 ms (the backend's commit interval), and synchronously at the end.
 pub async fn consume_raw(p: &Params, work: RawWork) -> Outcome {
+    let mut p = p.clone();
+    if work == RawWork::Io {
+        p.n = sequential_n(p.n);
+    }
+    let p = &p;
     let b = broker(p).await;
-    let topic = filled(p, &b, "consume-raw").await;
+    let fill = match work {
+        RawWork::Io => Work::Io,
+        _ => Work::Count,
+    };
+    let topic = filled(p, &b, "consume-raw", fill).await;
     let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
     let consumer: StreamConsumer = b.consumer_client_config(&group).create().expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
     let arrivals = Arrivals::new(p.n);
+    let order = KeyOrder::new(p.keys);
     let mut last_commit = std::time::Instant::now();
     for _ in 0..p.n {
         let m = consumer.recv().await.expect("message");
-        if work == RawWork::Read {
-            std::hint::black_box(read(&m));
+        match work {
+            RawWork::Nothing => {}
+            RawWork::Read => {
+                std::hint::black_box(read(&m));
+            }
+            RawWork::Io => {
+                let (_, payload, _) = std::hint::black_box(read(&m));
+                order.saw(&payload);
+                tokio::time::sleep(IO_WAIT).await;
+            }
         }
         arrivals.arrived();
         consumer
@@ -166,7 +196,11 @@ pub async fn consume_raw(p: &Params, work: RawWork) -> Outcome {
     consumer
         .commit_consumer_state(CommitMode::Sync)
         .expect("final commit");
-    arrivals.wait(Duration::from_secs(10)).await
+    let mut outcome = arrivals.wait(Duration::from_secs(10)).await;
+    if work == RawWork::Io {
+        outcome.out_of_order = Some(order.violations());
+    }
+    outcome
 }
 
 /// Key, payload and headers of `m` as owned values.
@@ -185,13 +219,13 @@ fn read(m: &impl rdkafka::Message) -> (Option<String>, bytes::Bytes, Vec<(String
     )
 }
 
-/// The abstraction's consumer runtime (`lanes` lanes, a handler that only
-/// counts), committing as it does in production.
-pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
+/// The abstraction's consumer runtime (`lanes` lanes, a handler doing
+/// `work`), committing as it does in production.
+pub async fn consume_lib(p: &Params, lanes: usize, work: Work) -> Outcome {
     let b = broker(p).await;
-    let topic = filled(p, &b, "consume-lib").await;
+    let topic = filled(p, &b, "consume-lib", work).await;
     let group = format!("bench-lib-{}", uuid::Uuid::new_v4().simple());
-    abstraction::consume(p, b, &topic, &group, lanes).await
+    abstraction::consume(p, b, &topic, &group, lanes, work).await
 }
 
 /// The backend's subscription alone, without the runtime: next + ack in a
@@ -199,7 +233,7 @@ pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
 pub async fn consume_stream(p: &Params) -> Outcome {
     use broker_core::{Subscriber, Subscription};
     let b = broker(p).await;
-    let topic = filled(p, &b, "consume-stream").await;
+    let topic = filled(p, &b, "consume-stream", Work::Count).await;
     let group = format!("bench-stream-{}", uuid::Uuid::new_v4().simple());
     let mut stream = b
         .subscribe(Subscription::new(&topic, group).with_prefetch(p.prefetch))

@@ -20,6 +20,10 @@ pub struct Outcome {
     pub p99_us: Option<u64>,
     /// Peak resident memory of the process, KiB.
     pub peak_rss_kib: u64,
+    /// Messages a handler saw before an earlier one of the same key, where
+    /// the scenario checks per-key order.
+    #[serde(default)]
+    pub out_of_order: Option<u64>,
 }
 
 impl Outcome {
@@ -122,6 +126,7 @@ pub fn finish(messages: usize, took: Duration, mut latencies: Latencies) -> Outc
         p50_us: latencies.quantile(0.5),
         p99_us: latencies.quantile(0.99),
         peak_rss_kib: peak_rss_kib(),
+        out_of_order: None,
     }
 }
 
@@ -155,7 +160,7 @@ impl Arrivals {
         // The clock is read for the first and the last only: reading it per
         // message would add its cost to every scenario.
         let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-        if seen % Self::STEP == 0 {
+        if seen.is_multiple_of(Self::STEP) {
             self.progress.notify_one();
         }
         if seen == 1 {
@@ -202,5 +207,44 @@ impl Arrivals {
         let first = *self.first.get().expect("first");
         let last = self.last.lock().unwrap().expect("last");
         finish(self.expected, last - first, Latencies::default())
+    }
+}
+
+/// Checks per-key order from numbered payloads (see
+/// [`crate::Params::numbered_payload`]): each message carries its number
+/// and its key's index, and a key's numbers must arrive increasing.
+#[derive(Debug)]
+pub struct KeyOrder {
+    last: std::sync::Mutex<Vec<Option<u64>>>,
+    violations: std::sync::atomic::AtomicU64,
+}
+
+impl KeyOrder {
+    /// For `keys` distinct keys.
+    pub fn new(keys: usize) -> Self {
+        KeyOrder {
+            last: std::sync::Mutex::new(vec![None; keys]),
+            violations: Default::default(),
+        }
+    }
+
+    /// A handler saw `payload`.
+    pub fn saw(&self, payload: &[u8]) {
+        let Some((number, key)) = crate::Params::numbering(payload) else {
+            return;
+        };
+        let mut last = self.last.lock().unwrap();
+        if let Some(slot) = last.get_mut(key) {
+            if slot.is_some_and(|l| l > number) {
+                self.violations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            *slot = Some(number);
+        }
+    }
+
+    /// Messages seen after a later one of their key.
+    pub fn violations(&self) -> u64 {
+        self.violations.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -95,5 +95,6 @@ pub async fn write_and_relay(p: &Params, publisher: Arc<dyn Publisher>, topic: &
         p50_us: None,
         p99_us: None,
         peak_rss_kib: peak_rss_kib(),
+        out_of_order: None,
     }
 }

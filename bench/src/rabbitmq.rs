@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use broker_core::{Subscriber, Subscription};
-use broker_rabbitmq::RabbitMqBroker;
+use broker_rabbitmq::{QueueType, RabbitMqBroker};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -15,17 +15,25 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::abstraction;
-use crate::measure::{batched, finish, Arrivals, Latencies, Outcome};
+use crate::abstraction::{self, Work, IO_WAIT};
+use crate::measure::{batched, finish, Arrivals, KeyOrder, Latencies, Outcome};
 use crate::Params;
 
-const EXCHANGE: &str = "bench.events";
+pub(crate) const EXCHANGE: &str = "bench.events";
 /// Queues of a run disappear a minute after their last use.
 const QUEUE_EXPIRY: Duration = Duration::from_secs(60);
+/// The reference consume loop acks with `multiple` every this many deliveries.
+const ACK_EVERY: usize = 100;
 
-async fn broker(p: &Params) -> RabbitMqBroker {
+pub(crate) async fn broker(p: &Params) -> RabbitMqBroker {
+    let queue_type = if p.quorum() {
+        QueueType::Quorum
+    } else {
+        QueueType::Classic
+    };
     RabbitMqBroker::builder(p.rabbitmq_url.clone())
         .exchange(EXCHANGE)
+        .queue_type(queue_type)
         .queue_expiry(QUEUE_EXPIRY)
         .connection_name("bench")
         .connect()
@@ -34,7 +42,7 @@ async fn broker(p: &Params) -> RabbitMqBroker {
 }
 
 /// A new topic with one group queue bound.
-async fn topic(b: &RabbitMqBroker, hint: &str) -> String {
+pub(crate) async fn topic(b: &RabbitMqBroker, hint: &str) -> String {
     let topic = format!("bench.{hint}.{}", uuid::Uuid::new_v4().simple());
     b.subscribe(Subscription::new(&topic, "bench"))
         .await
@@ -213,20 +221,36 @@ pub async fn outbox_lib(p: &Params) -> Outcome {
     crate::outbox::write_and_relay(p, std::sync::Arc::new(b), &topic).await
 }
 
-/// Raw lapin consumer: prefetch, ack every message.
-pub async fn consume_raw(p: &Params) -> Outcome {
-    let b = broker(p).await;
-    let topic = topic(&b, "consume-raw").await;
-    let (_conn, channel) = raw_channel(p).await;
-    let queue = format!("{topic}:raw");
+/// How a raw lapin consumer acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawAck {
+    /// Awaits each delivery's own ack before taking the next one.
+    Each,
+    /// Acks with `multiple` every [`ACK_EVERY`] deliveries (and the rest at
+    /// the end): the reference loop of the consume rows.
+    Batched,
+    /// As [`RawAck::Batched`], after reading the payload, checking the
+    /// key's order and awaiting 1 ms: the sequential loop of the
+    /// simulated-I/O rows ([`crate::kafka::sequential_n`] messages).
+    Io,
+}
+
+/// A queue of `queue_type` bound to `topic` on the exchange, declared as
+/// the backend declares a group's queue, and a raw channel (confirm mode).
+pub(crate) async fn raw_queue(p: &Params, topic: &str, queue: &str) -> (Connection, Channel) {
+    let (conn, channel) = raw_channel(p).await;
     let mut args = FieldTable::default();
     args.insert(
         "x-expires".into(),
         AMQPValue::LongLongInt(QUEUE_EXPIRY.as_millis() as i64),
     );
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(if p.quorum() { "quorum" } else { "classic" }.into()),
+    );
     channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -237,15 +261,33 @@ pub async fn consume_raw(p: &Params) -> Outcome {
         .expect("queue");
     channel
         .queue_bind(
-            queue.as_str().into(),
+            queue.into(),
             EXCHANGE.into(),
-            topic.as_str().into(),
+            topic.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .expect("bind");
-    abstraction::fill(p, &b, &topic).await;
+    (conn, channel)
+}
+
+/// Raw lapin consumer with the same prefetch, acknowledging as `ack` says.
+pub async fn consume_raw(p: &Params, ack: RawAck) -> Outcome {
+    let mut p = p.clone();
+    if ack == RawAck::Io {
+        p.n = crate::kafka::sequential_n(p.n);
+    }
+    let p = &p;
+    let b = broker(p).await;
+    let topic = topic(&b, "consume-raw").await;
+    let queue = format!("{topic}:raw");
+    let (_conn, channel) = raw_queue(p, &topic, &queue).await;
+    let fill = match ack {
+        RawAck::Io => Work::Io,
+        _ => Work::Count,
+    };
+    abstraction::fill(p, &b, &topic, fill).await;
     channel
         .basic_qos(p.prefetch as u16, BasicQosOptions::default())
         .await
@@ -260,18 +302,37 @@ pub async fn consume_raw(p: &Params) -> Outcome {
         .await
         .expect("consume");
     let arrivals = Arrivals::new(p.n);
-    for _ in 0..p.n {
+    let order = KeyOrder::new(p.keys);
+    let multiple = BasicAckOptions { multiple: true };
+    for i in 1..=p.n {
         let delivery = consumer.next().await.expect("open").expect("delivery");
+        if ack == RawAck::Io {
+            order.saw(&delivery.data);
+            tokio::time::sleep(IO_WAIT).await;
+        }
         arrivals.arrived();
-        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        match ack {
+            RawAck::Each => {
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            }
+            RawAck::Batched | RawAck::Io if i.is_multiple_of(ACK_EVERY) || i == p.n => {
+                delivery.ack(multiple).await.expect("ack");
+            }
+            RawAck::Batched | RawAck::Io => {}
+        }
     }
-    arrivals.wait(Duration::from_secs(10)).await
+    let mut outcome = arrivals.wait(Duration::from_secs(10)).await;
+    if ack == RawAck::Io {
+        outcome.out_of_order = Some(order.violations());
+    }
+    outcome
 }
 
-/// The abstraction's consumer runtime, same prefetch, `lanes` lanes.
-pub async fn consume_lib(p: &Params, lanes: usize) -> Outcome {
+/// The abstraction's consumer runtime, same prefetch, `lanes` lanes, a
+/// handler doing `work`.
+pub async fn consume_lib(p: &Params, lanes: usize, work: Work) -> Outcome {
     let b = broker(p).await;
     let topic = topic(&b, "consume-lib").await;
-    abstraction::fill(p, &b, &topic).await;
-    abstraction::consume(p, b, &topic, "bench", lanes).await
+    abstraction::fill(p, &b, &topic, work).await;
+    abstraction::consume(p, b, &topic, "bench", lanes, work).await
 }
