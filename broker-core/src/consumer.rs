@@ -31,6 +31,7 @@ use crate::error::{BrokerError, Result};
 use crate::handler::{FailureKind, Handler, HandlerError};
 use crate::message::{header, millis_since_epoch, now_millis, Message};
 use crate::metrics::{ConsumerInstruments, Metrics, MetricsSnapshot};
+use crate::retry::RetryMode;
 use crate::topic::{dead_letter_topic, validate_topic};
 use crate::{Publisher, Subscriber, Subscription};
 
@@ -79,6 +80,7 @@ impl Consumer {
             batch_handler: None,
             batch_limits: None,
             retry: Backoff::retry_default(),
+            retry_mode: RetryMode::InPlace,
             concurrency: 1,
             prefetch: None,
             delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
@@ -99,6 +101,7 @@ pub struct ConsumerBuilder {
     batch_handler: Option<Arc<dyn BatchHandler>>,
     batch_limits: Option<(usize, Duration)>,
     retry: Backoff,
+    retry_mode: RetryMode,
     concurrency: usize,
     prefetch: Option<usize>,
     delivery_limit: Option<u32>,
@@ -151,6 +154,21 @@ impl ConsumerBuilder {
     /// Retry policy for handler errors (default [`Backoff::retry_default`]).
     pub fn retry(mut self, policy: Backoff) -> Self {
         self.retry = policy;
+        self
+    }
+    /// Where a failed message waits for its retry (default
+    /// [`RetryMode::InPlace`]; see [`RetryMode`] for the order trade-off).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # use broker_core::{Backoff, Consumer, MemoryBroker, Received, RetryMode};
+    /// let builder = Consumer::builder(MemoryBroker::new(), "demo.credits.granted", "ledger")
+    ///     .retry(Backoff::retry_default().max_attempts(4).initial_delay(Duration::from_secs(1)))
+    ///     .retry_mode(RetryMode::Delayed)
+    ///     .handler(|_m: Received| async { Ok(()) });
+    /// ```
+    pub fn retry_mode(mut self, mode: RetryMode) -> Self {
+        self.retry_mode = mode;
         self
     }
     /// Publisher for dead letters (default: the broker passed to the builder).
@@ -229,6 +247,12 @@ impl ConsumerBuilder {
                 ))
             }
         };
+        if self.retry_mode == RetryMode::Delayed && !self.subscriber.delayed_retry() {
+            return Err(BrokerError::Unsupported {
+                backend: self.subscriber.backend_name(),
+                operation: "delayed retry (RetryMode::Delayed)",
+            });
+        }
         let per_lane = batch.as_ref().map_or(1, |b| b.max_messages);
         let prefetch = self
             .prefetch
@@ -256,6 +280,7 @@ impl ConsumerBuilder {
             dead_letter_topic: self.dead_letter_topic,
             group: self.group,
             retry: self.retry,
+            retry_mode: self.retry_mode,
             delivery_limit: self.delivery_limit,
             metrics: self.metrics.clone(),
             instruments,
@@ -314,7 +339,8 @@ pub(crate) struct Runtime {
     dead_letters: Arc<dyn Publisher>,
     dead_letter_topic: String,
     pub(crate) group: String,
-    retry: Backoff,
+    pub(crate) retry: Backoff,
+    pub(crate) retry_mode: RetryMode,
     delivery_limit: Option<u32>,
     pub(crate) metrics: Arc<Metrics>,
     /// The labelled metrics (feature `metrics`).
@@ -459,17 +485,21 @@ impl Runtime {
         self.attempts(received, acker, stop, None).await
     }
 
-    /// Sets `received.attempt` to at least 1. When the backend counted
-    /// `delivery_limit` earlier deliveries, returns the error to dead-letter
-    /// it with (counted as a failure), and the handler must not run.
+    /// Sets `received.attempt`: at least 1, plus the attempts a delayed
+    /// retry's copy carries (whose `x-retry-*` headers it removes). When
+    /// the backend counted `delivery_limit` earlier deliveries, returns the
+    /// error to dead-letter it with (counted as a failure), and the handler
+    /// must not run.
     pub(crate) fn over_delivery_limit(&self, received: &mut Received) -> Option<HandlerError> {
         // The backend counts the earlier deliveries it knows of.
         received.attempt = received.attempt.max(1);
         let earlier = received.attempt - 1;
+        let retried = crate::retry::take_retry_headers(&mut received.message);
+        received.attempt = received.attempt.saturating_add(retried);
         if self.delivery_limit.is_none_or(|limit| earlier < limit) {
             return None;
         }
-        received.attempt = earlier;
+        received.attempt = earlier.saturating_add(retried);
         let error = HandlerError::new(
             FailureKind::DeliveryLimit,
             format!(
@@ -515,6 +545,9 @@ impl Runtime {
             };
             self.metrics.add_failed();
             self.instruments.failed(error.kind());
+            if self.retry_mode == RetryMode::Delayed {
+                return self.retry_later(received, error, acker, stop).await;
+            }
             let delay = match error.kind().is_retryable() {
                 true => delays.get_or_insert_with(|| self.retry.delays()).next(),
                 false => None,

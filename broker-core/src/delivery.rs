@@ -1,10 +1,11 @@
 //! What a backend hands to the consumer runtime: deliveries and their acks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{BrokerError, Result};
 use crate::message::Message;
 
 /// A message as received, with where it came from. This is what handlers see.
@@ -40,6 +41,27 @@ pub trait Acker: Send + Sync {
     /// The message is not done. With `requeue`, deliver it again (to this
     /// group); without, drop it from this group.
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()>;
+
+    /// Settles the delivery by handing `message` (the delivery's message
+    /// with the runtime's `x-retry-*` headers) to this group's retry
+    /// destination, to be delivered to this group again after `delay`
+    /// (rounded up to its [delay tier](crate::delay::Tier)): the non-blocking
+    /// retry of [`crate::RetryMode::Delayed`]. Only after the destination
+    /// accepted the copy is the delivery acknowledged. When it cannot be
+    /// scheduled, the delivery is returned for redelivery (as by
+    /// `nack(true)`) and the error says why.
+    ///
+    /// Backends that have a retry destination say so with
+    /// [`crate::Subscriber::delayed_retry`]; the default returns the
+    /// delivery and [`BrokerError::Unsupported`].
+    async fn retry_after(self: Box<Self>, message: Message, delay: Duration) -> Result<()> {
+        let _ = (message, delay);
+        self.nack(true).await?;
+        Err(BrokerError::Unsupported {
+            backend: "this backend",
+            operation: "delayed retry",
+        })
+    }
 }
 
 /// One message taken from a subscription, not yet settled.

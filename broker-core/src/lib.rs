@@ -59,6 +59,7 @@ pub mod metrics;
 pub mod migrate;
 #[cfg(feature = "otel")]
 pub mod otel;
+pub mod retry;
 pub mod topic;
 
 #[cfg(feature = "testkit")]
@@ -74,6 +75,7 @@ pub use handler::{typed, FailureKind, Handler, HandlerError};
 pub use memory::MemoryBroker;
 pub use message::{AmqpProperties, AmqpValue, HeaderValue, Headers, Message};
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use retry::RetryMode;
 
 /// Whether a backend can currently do its work.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +195,14 @@ pub trait Subscriber: Send + Sync {
     fn backend_name(&self) -> &'static str {
         "unknown"
     }
+
+    /// True when its deliveries can be retried later without holding up
+    /// the next ones ([`Acker::retry_after`], used by
+    /// [`RetryMode::Delayed`]); a consumer asking for delayed retries on a
+    /// subscriber without them fails to start.
+    fn delayed_retry(&self) -> bool {
+        false
+    }
 }
 
 /// What to subscribe to.
@@ -274,6 +284,9 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
     fn backend_name(&self) -> &'static str {
         (**self).backend_name()
+    }
+    fn delayed_retry(&self) -> bool {
+        (**self).delayed_retry()
     }
 }
 

@@ -78,11 +78,19 @@ impl Drop for Inner {
 struct Delayed {
     /// By due time, then arrival: one tier's messages leave in the order
     /// they came, as from a RabbitMQ delay queue.
-    waiting: BTreeMap<(Instant, u64), (String, Message)>,
+    waiting: BTreeMap<(Instant, u64), (Destination, Message)>,
     next_seq: u64,
     /// The task that publishes them when due (started on first use, again
     /// if the runtime it ran on has gone).
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Where a delayed message goes when due.
+enum Destination {
+    /// Every group of the topic (delayed publish).
+    Topic(String),
+    /// One group's queue (a delayed retry).
+    Group(Arc<GroupQueue>),
 }
 
 #[derive(Default)]
@@ -365,8 +373,8 @@ impl MemoryBroker {
 }
 
 impl MemoryBroker {
-    /// Keeps `message` until `due`, then publishes it to `topic`.
-    fn schedule(&self, topic: &str, message: Message, due: Instant) {
+    /// Keeps `message` until `due`, then delivers it to `destination`.
+    fn schedule(&self, destination: Destination, message: Message, due: Instant) {
         let mut delayed = lock(&self.inner.delayed);
         let seq = delayed.next_seq;
         delayed.next_seq += 1;
@@ -375,9 +383,7 @@ impl MemoryBroker {
             .keys()
             .next()
             .is_none_or(|(at, _)| due < *at);
-        delayed
-            .waiting
-            .insert((due, seq), (topic.to_owned(), message));
+        delayed.waiting.insert((due, seq), (destination, message));
         if delayed.task.as_ref().is_none_or(|t| t.is_finished()) {
             let (inner, wake) = (Arc::downgrade(&self.inner), self.inner.delay_wake.clone());
             delayed.task = Some(tokio::spawn(deliver_delayed(inner, wake)));
@@ -397,8 +403,14 @@ impl MemoryBroker {
         };
         if !due.is_empty() {
             let mut topics = self.topics();
-            for (topic, message) in due.into_values() {
-                self.append(&mut topics, &topic, message);
+            for (destination, message) in due.into_values() {
+                match destination {
+                    Destination::Topic(topic) => self.append(&mut topics, &topic, message),
+                    Destination::Group(queue) => queue.update(|q| {
+                        q.push(message);
+                        q.dispatch();
+                    }),
+                }
             }
         }
         lock(&self.inner.delayed)
@@ -450,7 +462,11 @@ impl Publisher for MemoryBroker {
         check_outgoing(topic, &message, self.inner.max_message_bytes)?;
         match Tier::for_delay(delay)? {
             None => self.append(&mut self.topics(), topic, message),
-            Some(tier) => self.schedule(topic, message, Instant::now() + tier.duration()),
+            Some(tier) => self.schedule(
+                Destination::Topic(topic.to_owned()),
+                message,
+                Instant::now() + tier.duration(),
+            ),
         }
         Ok(())
     }
@@ -491,6 +507,11 @@ impl Publisher for MemoryBroker {
 
 #[async_trait]
 impl Subscriber for MemoryBroker {
+    /// Delayed retries wait in the broker's timer queue (in this process).
+    fn delayed_retry(&self) -> bool {
+        true
+    }
+
     async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
         validate_topic(&subscription.topic)?;
         if subscription.group.is_empty() {
@@ -527,6 +548,7 @@ impl Subscriber for MemoryBroker {
             q.dispatch();
         });
         Ok(Box::new(MemoryStream {
+            broker: Arc::downgrade(&self.inner),
             queue,
             topic: subscription.topic.into(),
             id,
@@ -545,6 +567,8 @@ impl Subscriber for MemoryBroker {
 }
 
 struct MemoryStream {
+    /// For delayed retries: the broker's timer queue.
+    broker: Weak<Inner>,
     queue: Arc<GroupQueue>,
     topic: Arc<str>,
     id: u64,
@@ -585,6 +609,7 @@ impl MemoryStream {
                 attempt: pending.returned.saturating_add(1),
             },
             Box::new(MemoryAcker {
+                broker: self.broker.clone(),
                 queue: self.queue.clone(),
                 tag,
                 closed: self.closed.clone(),
@@ -626,6 +651,7 @@ impl Drop for MemoryStream {
 }
 
 struct MemoryAcker {
+    broker: Weak<Inner>,
     queue: Arc<GroupQueue>,
     tag: u64,
     closed: Arc<AtomicBool>,
@@ -654,6 +680,23 @@ impl Acker for MemoryAcker {
             q.dispatch();
             Ok(())
         })
+    }
+
+    /// Keeps the copy in the broker's timer queue for its delay tier, then
+    /// puts it in this group's queue; the delivery is acked.
+    async fn retry_after(self: Box<Self>, message: Message, delay: Duration) -> Result<()> {
+        self.check_open()?;
+        let Some(inner) = self.broker.upgrade() else {
+            return Err(BrokerError::Closed("memory broker"));
+        };
+        let broker = MemoryBroker { inner };
+        if let Err(e) = broker.check_open().and(Tier::for_delay(delay)) {
+            self.nack(true).await?;
+            return Err(e);
+        }
+        let due = Instant::now() + Tier::for_delay(delay)?.map_or(Duration::ZERO, Tier::duration);
+        broker.schedule(Destination::Group(self.queue.clone()), message, due);
+        self.ack().await
     }
 }
 

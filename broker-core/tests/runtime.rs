@@ -266,3 +266,85 @@ async fn shutdown_lets_an_in_flight_dead_letter_publish_finish() {
         "original redelivered after its dead letter: {again:?}"
     );
 }
+
+/// A subscriber without a retry destination (the trait's default).
+struct NoDelayedRetry(MemoryBroker);
+
+#[async_trait]
+impl Subscriber for NoDelayedRetry {
+    async fn subscribe(
+        &self,
+        subscription: Subscription,
+    ) -> Result<Box<dyn broker_core::DeliveryStream>> {
+        self.0.subscribe(subscription).await
+    }
+    async fn health(&self) -> Health {
+        Subscriber::health(&self.0).await
+    }
+}
+
+#[tokio::test]
+async fn delayed_retries_on_a_backend_without_them_fail_at_start() {
+    let broker = MemoryBroker::new();
+    let started = Consumer::from_parts(
+        Arc::new(NoDelayedRetry(broker.clone())),
+        Arc::new(broker.clone()),
+        "t",
+        "g",
+    )
+    .retry_mode(broker_core::RetryMode::Delayed)
+    .handler(|_r: Received| async { Ok(()) })
+    .start()
+    .await;
+    match started {
+        Err(e @ BrokerError::Unsupported { .. }) => {
+            assert!(e.to_string().contains("delayed retry"), "{e}")
+        }
+        Err(e) => panic!("expected Unsupported, got {e}"),
+        Ok(_) => panic!("a delayed-retry consumer started on a backend without them"),
+    }
+}
+
+#[tokio::test]
+async fn a_message_arriving_with_retry_headers_counts_their_attempts() {
+    // As a retry copy arrives: attempt 3 of at most 3, the last one.
+    let broker = MemoryBroker::new();
+    let recorder = Recorder::default();
+    let mut letters = broker
+        .subscribe(Subscription::new("t.dlq", "check"))
+        .await
+        .unwrap();
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .retry(fast_retry(3))
+        .retry_mode(broker_core::RetryMode::Delayed)
+        .handler({
+            let recorder = recorder.clone();
+            move |r: Received| {
+                recorder.record(r);
+                async { Err(HandlerError::retryable("fails")) }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let copy = Message::new("x")
+        .with_header(header::RETRY_ATTEMPT, "3")
+        .with_header(header::RETRY_DUE, "0");
+    broker.publish("t", copy.clone()).await.unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(5), letters.next())
+        .await
+        .expect("dead letter in time")
+        .unwrap()
+        .unwrap();
+    consumer.shutdown(Duration::from_secs(5)).await.unwrap();
+    let seen = recorder.seen();
+    assert_eq!(seen.len(), 1, "the last attempt runs once");
+    assert_eq!(seen[0].attempt, 3);
+    assert!(seen[0]
+        .message
+        .headers()
+        .get(header::RETRY_ATTEMPT)
+        .is_none());
+    assert_eq!(letter.message().headers()[header::DLQ_ATTEMPTS], "3");
+    assert_eq!(letter.message().id(), copy.id());
+}

@@ -120,9 +120,9 @@ pub use broker_core::{
 // Batch consume: handlers that get several messages at once.
 pub use broker_core::{batch, typed_batch, BatchError, BatchHandler};
 // Errors, retry policy, counters.
-pub use broker_core::{Backoff, BrokerError, Metrics, MetricsSnapshot, Result};
+pub use broker_core::{Backoff, BrokerError, Metrics, MetricsSnapshot, Result, RetryMode};
 // Brokers and the rest of the core, by module.
-pub use broker_core::{config, instrument, message, migrate, topic, MemoryBroker};
+pub use broker_core::{config, delay, instrument, message, migrate, topic, MemoryBroker};
 
 /// Counters, the names of the labelled metrics (feature `metrics`) and the
 /// consumer-lag gauge.

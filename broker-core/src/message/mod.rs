@@ -51,6 +51,17 @@ pub mod header {
     pub const DLQ_PARTITION: &str = "x-dlq-partition";
     /// Kafka offset the message came from.
     pub const DLQ_OFFSET: &str = "x-dlq-offset";
+    /// On a delayed retry's copy: the attempt it will be (2 for the first
+    /// retry). The consumer runtime reads it into [`crate::Received::attempt`]
+    /// and removes it (and the other `x-retry-*` headers) before the
+    /// handler sees the message.
+    pub const RETRY_ATTEMPT: &str = "x-retry-attempt";
+    /// On a delayed retry's copy: when it is due, milliseconds since the
+    /// Unix epoch.
+    pub const RETRY_DUE: &str = "x-retry-due-ms";
+    /// On a delayed retry's copy where the retry destination is shared by
+    /// the topic's groups (Kafka's retry topics): the group it is for.
+    pub const RETRY_GROUP: &str = "x-retry-group";
 }
 
 /// One event on the wire: payload bytes plus the metadata every backend keeps.

@@ -23,6 +23,7 @@ mod batch;
 mod checks;
 mod delay;
 mod model;
+mod retry;
 mod scale;
 mod semantics;
 
@@ -30,6 +31,7 @@ pub use batch::*;
 pub use checks::*;
 pub use delay::*;
 pub use model::*;
+pub use retry::*;
 pub use scale::*;
 pub use semantics::*;
 
@@ -160,6 +162,9 @@ macro_rules! conformance_tests {
             batch_keeps_per_key_order,
             typed_batch_dead_letters_invalid_events,
             batch_shutdown_hands_back_unstarted,
+            delayed_retry_lets_later_messages_pass,
+            delayed_retry_dead_letters_after_the_last_attempt,
+            delayed_retry_survives_a_consumer_restart,
         );
     };
     (@each $name:expr, $backend:expr; $($check:ident),* $(,)?) => {
