@@ -33,8 +33,22 @@ pub const HEADER_ORDER: &str = "x-header-order";
 /// Delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
-/// Headers RabbitMQ adds on redelivery and dead-lettering; not part of the message.
-const BROKER_HEADERS: [&str; 2] = ["x-delivery-count", "x-death"];
+/// Header carrying a message's AMQP `expiration` while it waits in a delay
+/// queue (see [`encode_delayed`]); read back into the property.
+pub const DELAYED_EXPIRATION: &str = "x-delayed-expiration";
+
+/// Headers RabbitMQ adds on redelivery and dead-lettering (a delay queue
+/// dead-letters every message it releases); not part of the message.
+const BROKER_HEADERS: [&str; 8] = [
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+    "x-first-death-exchange",
+    "x-last-death-reason",
+    "x-last-death-queue",
+    "x-last-death-exchange",
+];
 
 pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value).map_err(|_| BrokerError::Rejected {
@@ -198,6 +212,28 @@ pub(crate) fn encode(message: &Message) -> Result<BasicProperties, BrokerError> 
     Ok(props.with_headers(headers))
 }
 
+/// The AMQP properties of `message` on its way into a delay queue: as
+/// [`encode`], except that an `expiration` property travels in the
+/// [`DELAYED_EXPIRATION`] header. RabbitMQ would otherwise expire the
+/// message in the delay queue when its own time-to-live is shorter than the
+/// queue's, releasing it early, and it drops the property of every message
+/// it dead-letters anyway. [`decode`] puts it back, so the message reads
+/// back as published; RabbitMQ no longer enforces it after the delay.
+pub(crate) fn encode_delayed(message: &Message) -> Result<BasicProperties, BrokerError> {
+    let Some(expiration) = message.amqp().and_then(|p| p.expiration.clone()) else {
+        return encode(message);
+    };
+    let mut without = message.clone();
+    without.amqp_mut().expiration = None;
+    let props = encode(&without)?;
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(DELAYED_EXPIRATION),
+        long(expiration.as_bytes()),
+    );
+    Ok(props.with_headers(headers))
+}
+
 /// The properties without a common field. `user_id` and `delivery_mode` are
 /// not sent again (see [`AmqpProperties`]).
 fn encode_properties(
@@ -331,6 +367,7 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
     let mut timestamp_ms = None;
     let mut id_header = None;
     let mut correlation_header = None;
+    let mut delayed_expiration = None;
     let mut order = None;
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
@@ -349,6 +386,11 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
                     traceparent = utf8_long_string(value)
                 }
                 n if BROKER_HEADERS.contains(&n) => {}
+                DELAYED_EXPIRATION
+                    if props.expiration().is_none() && utf8_long_string(value).is_some() =>
+                {
+                    delayed_expiration = utf8_long_string(value)
+                }
                 // Only ours when the native property is absent (see `encode`).
                 header::MESSAGE_ID if props.message_id().is_none() => id_header = text(value),
                 header::CORRELATION_ID if props.correlation_id().is_none() => {
@@ -389,7 +431,11 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
         app_id: props.app_id().as_ref().map(|s| s.to_string()),
         reply_to: props.reply_to().as_ref().map(|s| s.to_string()),
         priority: *props.priority(),
-        expiration: props.expiration().as_ref().map(|s| s.to_string()),
+        expiration: props
+            .expiration()
+            .as_ref()
+            .map(|s| s.to_string())
+            .or(delayed_expiration),
         user_id: props.user_id().as_ref().map(|s| s.to_string()),
         cluster_id: props.cluster_id().as_ref().map(|s| s.to_string()),
         // Ours are always persistent: only another value is worth keeping.
@@ -541,6 +587,40 @@ mod tests {
         let table = again.headers().clone().unwrap();
         assert_eq!(table.inner()["traceparent"], AMQPValue::LongInt(7));
         assert_eq!(table.inner()["timestamp-ms"], AMQPValue::Boolean(true));
+    }
+
+    #[test]
+    fn a_delayed_message_reads_back_as_published() {
+        let m = Message::new("x")
+            .with_key("k")
+            .with_header("app", "1")
+            .with_amqp(AmqpProperties {
+                expiration: Some("1000".into()),
+                priority: Some(2),
+                ..Default::default()
+            });
+        let props = encode_delayed(&m).unwrap();
+        assert_eq!(
+            props.expiration(),
+            &None,
+            "no time-to-live in the delay queue"
+        );
+        // What RabbitMQ adds when the delay queue releases it.
+        let mut table = props.headers().clone().unwrap();
+        table.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::default()),
+        );
+        table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(0));
+        for name in ["reason", "queue", "exchange"] {
+            table.insert(format!("x-first-death-{name}").as_str().into(), long(b"v"));
+            table.insert(format!("x-last-death-{name}").as_str().into(), long(b"v"));
+        }
+        let released = props.with_headers(table);
+        assert_eq!(decode(&released, b"x".to_vec()), m);
+        // Without an expiration, the same as a plain publish.
+        let plain = Message::new("y").with_header("b", "2");
+        assert_eq!(encode_delayed(&plain).unwrap(), encode(&plain).unwrap());
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! groups have their queues, or finds out (without `mandatory`: see the
 //! crate documentation) whether any queue is bound for it, to count and
 //! report what RabbitMQ drops.
+//!
+//! A delayed publish goes the same way, through the default exchange to
+//! the topic's delay queue for its tier (declared before the first send on
+//! each confirm channel), whose time-to-live and dead-letter settings send
+//! it on to the topic when due (see `topology::declare_delay_queue`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use broker_core::delay::Tier;
 use broker_core::message::check_outgoing;
 use broker_core::{batch_result, BrokerError, Message, Result};
 use futures::stream::FuturesUnordered;
@@ -50,6 +56,8 @@ pub(crate) struct PublisherState {
     generation: AtomicU64,
     /// What is known of each topic's queues.
     routes: std::sync::Mutex<HashMap<String, TopicRoutes>>,
+    /// Delay queues declared: on which confirm channel, when.
+    delay_queues: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
     /// The channel passive declarations use (RabbitMQ closes it on a miss).
     probe: Mutex<Option<Channel>>,
     unroutable: AtomicU64,
@@ -92,6 +100,10 @@ enum Outcome {
 impl PublisherState {
     fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, TopicRoutes>> {
         self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn delay_queues(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        self.delay_queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn unroutable_total(&self) -> u64 {
@@ -164,26 +176,7 @@ async fn prepare(
     let state = &inner.publisher;
     let now = Instant::now();
     if !inner.options.required_groups.of(topic).is_empty() {
-        // With an expiry, redeclaring renews the queues' lease.
-        let fresh_for = inner
-            .options
-            .queue_expiry
-            .map_or(Duration::MAX, |expiry| expiry / 2);
-        let declared = state.routes().get(topic).and_then(|r| r.declared);
-        if declared.is_some_and(|(generation, at)| {
-            generation == ch.generation && now.duration_since(at) < fresh_for
-        }) {
-            return Ok(());
-        }
-        // On a channel of their own: a refused declaration closes it.
-        let channel = inner.channel().await?;
-        let declared = topology::declare_required_groups(inner, &channel, topic).await;
-        let _ = inner
-            .bounded("channel close", channel.close(200, "declared".into()))
-            .await;
-        declared?;
-        state.routes().entry(topic.to_owned()).or_default().declared = Some((ch.generation, now));
-        return Ok(());
+        return declare_required_groups(inner, ch, topic).await;
     }
     if inner.options.alternate_exchange.is_some() {
         return Ok(());
@@ -210,6 +203,115 @@ async fn prepare(
     Ok(())
 }
 
+/// How long a declaration is taken to still hold: with a queue expiry,
+/// redeclaring renews the queues' lease, so half of it.
+fn fresh_for(inner: &Inner) -> Duration {
+    inner
+        .options
+        .queue_expiry
+        .map_or(Duration::MAX, |expiry| expiry / 2)
+}
+
+/// Declares the queues of `topic`'s required groups, unless done on this
+/// confirm channel recently.
+async fn declare_required_groups(
+    inner: &Inner,
+    ch: &ConfirmChannel,
+    topic: &str,
+) -> Result<(), Failure> {
+    let state = &inner.publisher;
+    let now = Instant::now();
+    let declared = state.routes().get(topic).and_then(|r| r.declared);
+    if declared.is_some_and(|(generation, at)| {
+        generation == ch.generation && now.duration_since(at) < fresh_for(inner)
+    }) {
+        return Ok(());
+    }
+    // On a channel of their own: a refused declaration closes it.
+    let channel = inner.channel().await?;
+    let declared = topology::declare_required_groups(inner, &channel, topic).await;
+    let _ = inner
+        .bounded("channel close", channel.close(200, "declared".into()))
+        .await;
+    declared?;
+    state.routes().entry(topic.to_owned()).or_default().declared = Some((ch.generation, now));
+    Ok(())
+}
+
+/// Where a message goes: a topic now, or a delay queue that releases it
+/// to the topic (or to one group's queue) when due.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target<'a> {
+    /// The topic, at once.
+    Topic(&'a str),
+    /// The topic's delay queue for `tier`; with a group, that group's
+    /// delay queue, which releases into its queue alone (with no tier:
+    /// straight into the group's queue). Never without both.
+    Delayed {
+        topic: &'a str,
+        tier: Option<Tier>,
+        group: Option<&'a str>,
+    },
+}
+
+impl Target<'_> {
+    fn topic(&self) -> &str {
+        match self {
+            Target::Topic(topic) | Target::Delayed { topic, .. } => topic,
+        }
+    }
+}
+
+/// Gets a delay queue ready: the topic's required groups' queues (so they
+/// exist when the message falls due) and the delay queue itself, unless
+/// declared on this confirm channel recently. Returns the queue's name.
+/// Without a tier, the group's own queue, which its subscription declares.
+async fn prepare_delayed(
+    inner: &Inner,
+    ch: &ConfirmChannel,
+    topic: &str,
+    tier: Option<Tier>,
+    group: Option<&str>,
+) -> Result<String, Failure> {
+    let Some(tier) = tier else {
+        let group = group.expect("a target without delay names a group");
+        return Ok(topology::subscription_queue(topic, group));
+    };
+    let queue = match group {
+        None => {
+            if !inner.options.required_groups.of(topic).is_empty() {
+                declare_required_groups(inner, ch, topic).await?;
+            }
+            topology::delay_queue(topic, tier)
+        }
+        Some(group) => topology::group_delay_queue(topic, group, tier),
+    };
+    let now = Instant::now();
+    let declared = inner.publisher.delay_queues().get(&queue).copied();
+    if declared.is_some_and(|(generation, at)| {
+        generation == ch.generation && now.duration_since(at) < fresh_for(inner)
+    }) {
+        return Ok(queue);
+    }
+    // On a channel of its own: a refused declaration closes it.
+    let channel = inner.channel().await?;
+    let declared = match group {
+        None => topology::declare_delay_queue(inner, &channel, topic, tier).await,
+        Some(group) => {
+            topology::declare_group_delay_queue(inner, &channel, topic, group, tier).await
+        }
+    };
+    let _ = inner
+        .bounded("channel close", channel.close(200, "declared".into()))
+        .await;
+    declared?;
+    inner
+        .publisher
+        .delay_queues()
+        .insert(queue.clone(), (ch.generation, now));
+    Ok(queue)
+}
+
 /// Whether some group subscribed to `topic`: its dead-letter archive, which
 /// every subscription declares (also older versions of this library),
 /// exists. Queues bound by other means are not seen.
@@ -229,13 +331,22 @@ async fn probe(inner: &Inner, topic: &str) -> Result<bool, Failure> {
 /// One try of a publish: channel, preparation, send, confirm.
 async fn attempt(
     inner: &Inner,
-    topic: &str,
+    target: Target<'_>,
     message: &Message,
     props: BasicProperties,
 ) -> Result<(), Failure> {
     let ch = confirm_channel(inner).await?;
-    prepare(inner, &ch, topic, 1).await?;
-    let confirmed = send(inner, &ch, topic, message, props).await?;
+    let confirmed = match target {
+        Target::Topic(topic) => {
+            prepare(inner, &ch, topic, 1).await?;
+            send(inner, &ch, &inner.options.exchange, topic, message, props).await?
+        }
+        Target::Delayed { topic, tier, group } => {
+            let queue = prepare_delayed(inner, &ch, topic, tier, group).await?;
+            // The default exchange routes to the queue of that name.
+            send(inner, &ch, "", &queue, message, props).await?
+        }
+    };
     confirmed.await
 }
 
@@ -249,9 +360,54 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, message: Message) -> Res
     let props = codec::encode(&message)?;
     let span = tracing::debug_span!("publish", topic, message_id = message.id());
     let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
+    let target = Target::Topic(topic);
     bounded_publish(inner, async {
-        let first = attempt(inner, topic, &message, props.clone()).await;
-        finish(inner, topic, &message, &props, first, deadline).await
+        let first = attempt(inner, target, &message, props.clone()).await;
+        finish(inner, target, &message, &props, first, deadline).await
+    })
+    .instrument(span)
+    .await
+}
+
+/// Publishes `message` to `topic`, or with `group` to that group's queue
+/// alone, once `delay` (rounded up to its tier) has passed: into the delay
+/// queue of the tier, confirmed like any publish. No delay: at once, to
+/// the topic, or straight into the group's queue.
+pub(crate) async fn publish_after(
+    inner: &Inner,
+    topic: &str,
+    group: Option<&str>,
+    message: Message,
+    delay: Duration,
+) -> Result<()> {
+    let tier = Tier::for_delay(delay)?;
+    if tier.is_none() && group.is_none() {
+        return publish(inner, topic, message).await;
+    }
+    let closed = inner.publisher.closed.read().await;
+    if *closed {
+        return Err(BrokerError::Closed("rabbitmq publisher"));
+    }
+    check_outgoing(topic, &message, inner.options.max_message_bytes)?;
+    if let Some(group) = group {
+        if group.is_empty() {
+            return Err(BrokerError::Misconfigured("consumer group name is empty"));
+        }
+    }
+    inner.publisher.check_size(&message)?;
+    let props = codec::encode_delayed(&message)?;
+    let span = tracing::debug_span!(
+        "publish",
+        topic,
+        message_id = message.id(),
+        delay = tier.map_or("0", Tier::name),
+        group = group.unwrap_or_default(),
+    );
+    let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
+    let target = Target::Delayed { topic, tier, group };
+    bounded_publish(inner, async {
+        let first = attempt(inner, target, &message, props.clone()).await;
+        finish(inner, target, &message, &props, first, deadline).await
     })
     .instrument(span)
     .await
@@ -310,7 +466,7 @@ async fn send_batch(
     let mut confirms = Vec::with_capacity(messages.len());
     for (m, props) in messages.iter().zip(encoded) {
         let sent = match &channel {
-            Ok(ch) => send(inner, ch, topic, m, props.clone()).await,
+            Ok(ch) => send(inner, ch, &inner.options.exchange, topic, m, props.clone()).await,
             Err(Failure::Final(e)) => return Err(clone_error(e)),
             Err(Failure::Lost(e)) => Err(Failure::Lost(clone_error(e))),
         };
@@ -322,7 +478,7 @@ async fn send_batch(
                 Ok(confirmed) => confirmed.await,
                 Err(f) => Err(f),
             };
-            finish(inner, topic, m, props, first, deadline).await
+            finish(inner, Target::Topic(topic), m, props, first, deadline).await
         },
     ))
     .await;
@@ -338,7 +494,7 @@ fn clone_error(e: &BrokerError) -> BrokerError {
 /// again on a fresh channel under the reconnect policy.
 async fn finish(
     inner: &Inner,
-    topic: &str,
+    target: Target<'_>,
     message: &Message,
     props: &BasicProperties,
     first: Result<(), Failure>,
@@ -363,11 +519,12 @@ async fn finish(
             });
         };
         if let Some(suppressed) = crate::logs::allow(&format!("publish not confirmed: {lost}")) {
+            let topic = target.topic();
             tracing::warn!(topic, message_id = message.id(), error = %lost, ?delay, suppressed, "publish not confirmed; sending again");
         }
         tokio::time::sleep(delay).await;
         attempts += 1;
-        outcome = attempt(inner, topic, message, props.clone()).await;
+        outcome = attempt(inner, target, message, props.clone()).await;
     }
 }
 
@@ -400,17 +557,23 @@ async fn confirm_channel(inner: &Inner) -> Result<ConfirmChannel, Failure> {
     Ok(ch)
 }
 
-/// Puts one message on the wire (in call order) and returns the future of
-/// its confirm.
+/// Puts one message on the wire (in call order), to `exchange` with
+/// `routing_key` (a topic on the topic exchange, or a delay queue's name on
+/// the default exchange `""`), and returns the future of its confirm.
 async fn send<'a>(
     inner: &'a Inner,
     ch: &'a ConfirmChannel,
-    topic: &'a str,
+    exchange: &str,
+    routing_key: &str,
     message: &'a Message,
     props: BasicProperties,
 ) -> Result<impl Future<Output = Result<(), Failure>> + 'a, Failure> {
-    let routing_key = short("topic", topic).map_err(Failure::Final)?;
-    let exchange = ShortString::from(inner.options.exchange.as_str());
+    let what = match exchange {
+        "" => "queue name",
+        _ => "topic",
+    };
+    let routing_key = short(what, routing_key).map_err(Failure::Final)?;
+    let exchange = ShortString::from(exchange);
     // Not `mandatory`: lapin would log a returned message with its payload.
     let options = BasicPublishOptions::default();
     let guard = inner.publisher.send.lock().await;

@@ -1,5 +1,7 @@
-//! Names and declarations: the exchange, group queues, dead-letter queues.
+//! Names and declarations: the exchange, group queues, dead-letter queues,
+//! delay queues.
 
+use broker_core::delay::Tier;
 use broker_core::topic::{dead_letter_topic, is_dead_letter_topic};
 use broker_core::BrokerError;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -34,6 +36,94 @@ pub(crate) fn marker_queue(topic: &str) -> String {
         true => topic.to_owned(),
         false => dead_letter_topic(topic),
     }
+}
+
+/// The delay queue of `topic` for `tier`: `{topic}.delay.{tier}`. Its
+/// messages go to the whole topic (every group) when due. No other queue
+/// has such a name: group queues contain `:`, dead-letter archives end in
+/// `.dlq`.
+pub(crate) fn delay_queue(topic: &str, tier: Tier) -> String {
+    format!("{topic}.delay.{tier}")
+}
+
+/// The delay queue of one group's queue on `topic` for `tier`:
+/// `{topic}.delay.{tier}@{group}`. Its messages go to that group's queue
+/// alone when due (for a retry of one group's message). The `@`, which no
+/// topic name has, keeps it apart from every group queue `{topic}:{group}`
+/// (whatever the group's name) and every topic's delay queue.
+pub(crate) fn group_delay_queue(topic: &str, group: &str, tier: Tier) -> String {
+    format!("{topic}.delay.{tier}@{group}")
+}
+
+/// Declares the delay queue of `topic` for `tier` ([`delay_queue`]) and
+/// returns its name: messages published to it wait `tier`, then RabbitMQ
+/// dead-letters them to the topic exchange with the topic as routing key,
+/// as if published to the topic then. The exchange must exist.
+pub(crate) async fn declare_delay_queue(
+    inner: &Inner,
+    channel: &Channel,
+    topic: &str,
+    tier: Tier,
+) -> Result<String, Failure> {
+    let queue = delay_queue(topic, tier);
+    let args = delay_args(inner, tier, &inner.options.exchange, topic);
+    declare_unbound_queue(inner, channel, &queue, args).await?;
+    Ok(queue)
+}
+
+/// Declares the delay queue of `group`'s queue on `topic` for `tier`
+/// ([`group_delay_queue`]) and returns its name: messages published to it
+/// wait `tier`, then RabbitMQ dead-letters them through the default
+/// exchange straight into the group's queue (which must exist by then),
+/// so no other group sees them.
+pub(crate) async fn declare_group_delay_queue(
+    inner: &Inner,
+    channel: &Channel,
+    topic: &str,
+    group: &str,
+    tier: Tier,
+) -> Result<String, Failure> {
+    let queue = group_delay_queue(topic, group, tier);
+    let target = subscription_queue(topic, group);
+    let args = delay_args(inner, tier, "", &target);
+    declare_unbound_queue(inner, channel, &queue, args).await?;
+    Ok(queue)
+}
+
+/// A delay queue's arguments: every message lives `tier` (one time-to-live
+/// for the whole queue, so the first in is the first due and RabbitMQ,
+/// which expires messages at the head, releases each on time), then is
+/// dead-lettered to `exchange` with `routing_key`. Quorum delay queues
+/// dead-letter at least once (RabbitMQ 3.10+: the message stays in the
+/// delay queue until the target queues confirm it; one no queue is bound
+/// for yet waits there, retried every few minutes, instead of being
+/// dropped), which needs
+/// `x-overflow = reject-publish`. Classic ones, for brokers that keep
+/// classic queues, dead-letter at most once. With a queue expiry, the
+/// queue outlives its last message: expiry plus the tier.
+fn delay_args(inner: &Inner, tier: Tier, exchange: &str, routing_key: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        long(inner.options.queue_type.as_str()),
+    );
+    let ttl = millis(tier.duration());
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    args.insert("x-dead-letter-exchange".into(), long(exchange));
+    args.insert("x-dead-letter-routing-key".into(), long(routing_key));
+    if inner.options.queue_type == crate::QueueType::Quorum {
+        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        args.insert("x-overflow".into(), long("reject-publish"));
+    }
+    if let Some(expiry) = inner.options.queue_expiry {
+        let ms = millis(expiry).saturating_add(ttl);
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+    args
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
 /// Declares the exchange (durable topic exchange; idempotent).
@@ -223,6 +313,32 @@ fn queue_args(inner: &Inner) -> FieldTable {
         args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
     }
     args
+}
+
+/// A durable queue reached through the default exchange (by its name), not
+/// bound to the topic exchange.
+async fn declare_unbound_queue(
+    inner: &Inner,
+    channel: &Channel,
+    queue: &str,
+    args: FieldTable,
+) -> Result<(), Failure> {
+    let name = short("queue name", queue).map_err(Failure::Final)?;
+    inner
+        .bounded(
+            "queue declare",
+            channel.queue_declare(
+                name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            ),
+        )
+        .await
+        .map_err(|f| mismatch(f, &format!("delay queue `{queue}`")))?;
+    Ok(())
 }
 
 async fn declare_bound_queue(

@@ -126,6 +126,13 @@ impl Created {
     }
 }
 
+/// Every delay queue `topic` can have, one per tier.
+pub fn delay_queues_of(topic: &str) -> Vec<String> {
+    broker_core::delay::Tier::all()
+        .map(|tier| RabbitMqBroker::delay_queue_name(topic, tier))
+        .collect()
+}
+
 /// A subscriber that notes the queues it declares.
 struct Noting {
     broker: RabbitMqBroker,
@@ -150,6 +157,10 @@ impl Subscriber for Noting {
 #[derive(Default)]
 pub struct Rabbit {
     created: Created,
+    /// Queues that may have been declared: the delay queues of every topic
+    /// handed out, whichever tiers its checks used (deleting one that does
+    /// not exist succeeds). Deleted with the rest; not in [`Rabbit::queues`].
+    possible: Created,
 }
 
 impl Rabbit {
@@ -161,7 +172,9 @@ impl Rabbit {
 
 impl Drop for Rabbit {
     fn drop(&mut self) {
-        let queues = std::mem::take(&mut *self.created.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut queues =
+            std::mem::take(&mut *self.created.0.lock().unwrap_or_else(|e| e.into_inner()));
+        queues.append(&mut self.possible.0.lock().unwrap_or_else(|e| e.into_inner()));
         if queues.is_empty() {
             return;
         }
@@ -204,7 +217,13 @@ impl TestBackend for Rabbit {
         })
     }
     async fn topic(&self, hint: &str) -> String {
-        unique(&format!("rmq.{hint}"))
+        let topic = unique(&format!("rmq.{hint}"));
+        self.possible
+            .0
+            .lock()
+            .unwrap()
+            .extend(delay_queues_of(&topic));
+        topic
     }
     async fn publisher_with_required_groups(
         &self,
@@ -226,6 +245,9 @@ impl TestBackend for Rabbit {
     }
     fn dead_letter_archive_group(&self) -> Option<String> {
         Some(DEAD_LETTER_GROUP.to_owned())
+    }
+    fn delayed_publish(&self) -> bool {
+        true
     }
 }
 
