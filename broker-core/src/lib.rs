@@ -222,7 +222,9 @@ pub struct Subscription {
     /// only one whose delivery count grows, not its prefetched neighbours'.
     /// The consumer runtime asks for it when its delivery limit is on; a
     /// reader that holds deliveries without settling them (a listing)
-    /// must not.
+    /// must not. Kafka keeps delivery counts only for such subscriptions
+    /// (elsewhere every delivery is attempt 1); RabbitMQ's quorum queues
+    /// count for every reader.
     pub isolate_redeliveries: bool,
 }
 

@@ -450,7 +450,7 @@ pub(crate) async fn open(
         topic: subscription.topic.as_str().into(),
         state: Combining::new(State {
             tracker: OffsetTracker::new(),
-            counts: DeliveryCounts::new(prefetch),
+            counts: DeliveryCounts::new(prefetch, subscription.isolate_redeliveries),
             room: room.clone(),
             ready: ready.clone(),
             resume_at: prefetch / 2,
@@ -468,6 +468,7 @@ pub(crate) async fn open(
         settings,
         &subscription.group,
         &subscription.topic,
+        subscription.isolate_redeliveries,
     )?);
     let mut config = client_config(settings, Role::Consumer);
     config.set("group.id", &subscription.group);

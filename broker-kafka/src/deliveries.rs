@@ -132,21 +132,32 @@ pub(crate) struct DeliveryCounts {
     next_epoch: u64,
     /// Some partition recovers (kept up to date: asked per message).
     serial: bool,
+    /// Counting at all: only for subscriptions that settle what they get
+    /// ([`Subscription::isolate_redeliveries`](broker_core::Subscription)).
+    enabled: bool,
 }
 
 impl DeliveryCounts {
-    /// Recovery lasts at most `2 × prefetch` counted records.
-    pub(crate) fn new(prefetch: usize) -> Self {
+    /// Recovery lasts at most `2 × prefetch` counted records. Disabled
+    /// (`enabled` false), nothing is counted, read or stored: every
+    /// delivery is attempt 1 and nothing is handed out one at a time (a
+    /// reader that holds deliveries unsettled, such as a listing, would
+    /// otherwise get one record).
+    pub(crate) fn new(prefetch: usize, enabled: bool) -> Self {
         DeliveryCounts {
             partitions: BTreeMap::new(),
             budget: prefetch.max(1) * 2,
             next_epoch: 0,
             serial: false,
+            enabled,
         }
     }
 
     /// The partition was assigned: its stored head is to be read.
     pub(crate) fn assign(&mut self, partition: i32) {
+        if !self.enabled {
+            return;
+        }
         self.next_epoch += 1;
         self.partitions.insert(
             partition,
@@ -301,7 +312,8 @@ pub(crate) const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client of the companion group that never joins it: it reads and
 /// commits the stored heads of one topic's partitions.
 pub(crate) struct CountStore {
-    consumer: BaseConsumer<CountsContext>,
+    /// `None` for a subscription that counts nothing.
+    consumer: Option<BaseConsumer<CountsContext>>,
     topic: String,
 }
 
@@ -322,8 +334,20 @@ impl ClientContext for CountsContext {
 impl ConsumerContext for CountsContext {}
 
 impl CountStore {
-    /// A client of [`counts_group`]`(group)` for `topic`.
-    pub(crate) fn new(settings: &KafkaSettings, group: &str, topic: &str) -> Result<Self> {
+    /// A client of [`counts_group`]`(group)` for `topic`; no client when
+    /// not `enabled` (reads and stores then do nothing).
+    pub(crate) fn new(
+        settings: &KafkaSettings,
+        group: &str,
+        topic: &str,
+        enabled: bool,
+    ) -> Result<Self> {
+        if !enabled {
+            return Ok(CountStore {
+                consumer: None,
+                topic: topic.to_owned(),
+            });
+        }
         let mut config = client_config(settings, Role::Consumer);
         config.set("group.id", counts_group(group));
         let consumer = config
@@ -332,7 +356,7 @@ impl CountStore {
             })
             .map_err(config_error)?;
         Ok(CountStore {
-            consumer,
+            consumer: Some(consumer),
             topic: topic.to_owned(),
         })
     }
@@ -344,11 +368,14 @@ impl CountStore {
         partitions: &[i32],
         timeout: Duration,
     ) -> KafkaResult<Vec<(i32, Option<i64>)>> {
+        let Some(consumer) = &self.consumer else {
+            return Ok(Vec::new());
+        };
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
             tpl.add_partition(&self.topic, p);
         }
-        let result = self.consumer.committed_offsets(tpl, timeout);
+        let result = consumer.committed_offsets(tpl, timeout);
         self.drain();
         let mut values = Vec::with_capacity(partitions.len());
         for e in result?.elements_for_topic(&self.topic) {
@@ -365,14 +392,14 @@ impl CountStore {
     /// Stores `values` (partition, encoded head): `Sync` blocks until the
     /// broker accepted them.
     pub(crate) fn store(&self, values: &[(i32, i64)], mode: CommitMode) -> KafkaResult<()> {
-        if values.is_empty() {
+        let Some(consumer) = self.consumer.as_ref().filter(|_| !values.is_empty()) else {
             return Ok(());
-        }
+        };
         let mut tpl = TopicPartitionList::new();
         for &(p, value) in values {
             tpl.add_partition_offset(&self.topic, p, Offset::Offset(value))?;
         }
-        let result = self.consumer.commit(&tpl, mode);
+        let result = consumer.commit(&tpl, mode);
         self.drain();
         result
     }
@@ -380,7 +407,9 @@ impl CountStore {
     /// Serves the client's queued events (commit reports, errors): it is
     /// never polled otherwise.
     fn drain(&self) {
-        while self.consumer.poll(Duration::ZERO).is_some() {}
+        if let Some(consumer) = &self.consumer {
+            while consumer.poll(Duration::ZERO).is_some() {}
+        }
     }
 }
 
@@ -388,9 +417,21 @@ impl CountStore {
 mod tests {
     use super::*;
 
+    #[test]
+    fn disabled_counts_nothing_and_never_serialises() {
+        let mut c = DeliveryCounts::new(2, false);
+        c.assign(0);
+        assert!(c.unread().is_empty(), "nothing to read");
+        assert!(c.is_read(0));
+        assert_eq!(c.hand_out(0, 7), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 8), HandOut::PLAIN);
+        assert!(!c.serial());
+        assert_eq!(c.release(0, false), None);
+    }
+
     /// Reads `stored` (raw) for partition 0 of a fresh assignment.
     fn assigned(stored: Option<i64>) -> DeliveryCounts {
-        let mut c = DeliveryCounts::new(2);
+        let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         let epoch = c.unread()[0].1;
         c.read(0, epoch, Ok(stored));
@@ -499,7 +540,7 @@ mod tests {
         assert!(!c.serial());
         // Caught up before anything was read (an empty partition): no
         // recovery, nothing of the old crash is left to replay.
-        let mut c = DeliveryCounts::new(2);
+        let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         c.caught_up(0, None);
         let epoch = c.unread()[0].1;
@@ -510,7 +551,7 @@ mod tests {
 
     #[test]
     fn a_failed_read_recovers_with_fresh_counts() {
-        let mut c = DeliveryCounts::new(2);
+        let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         assert!(!c.is_read(0));
         c.read(0, c.unread()[0].1, Err(()));
@@ -521,7 +562,7 @@ mod tests {
 
     #[test]
     fn a_read_of_an_earlier_assignment_is_ignored() {
-        let mut c = DeliveryCounts::new(2);
+        let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         let old = c.unread()[0].1;
         c.assign(0);

@@ -57,7 +57,11 @@ async fn unsettled_deliveries_count_across_subscriptions() {
     let subscribe = || async {
         common::broker()
             .await
-            .subscribe(Subscription::new(&topic, &group).with_prefetch(4))
+            .subscribe(
+                Subscription::new(&topic, &group)
+                    .with_prefetch(4)
+                    .isolating_redeliveries(),
+            )
             .await
             .expect("subscribe")
     };
