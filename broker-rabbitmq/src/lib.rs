@@ -904,6 +904,12 @@ impl Publisher for RabbitMqBroker {
 
 #[async_trait]
 impl Subscriber for RabbitMqBroker {
+    /// Delayed retries wait in the group's delay queues
+    /// (`{topic}.delay.{tier}@{group}`).
+    fn delayed_retry(&self) -> bool {
+        true
+    }
+
     async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
         subscribe::subscribe(self.inner.clone(), subscription).await
     }

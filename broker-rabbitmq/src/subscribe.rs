@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_core::topic::validate_topic;
-use broker_core::{Acker, BrokerError, Delivery, DeliveryStream, Received, Result, Subscription};
+use broker_core::{
+    Acker, BrokerError, Delivery, DeliveryStream, Message, Received, Result, Subscription,
+};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -18,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, short};
-use crate::{topology, Failure, Inner, BACKEND};
+use crate::{publish, topology, Failure, Inner, BACKEND};
 
 /// How long `close` waits for the consumer to be cancelled and its channel closed.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -172,7 +174,11 @@ async fn pump(
     mut stop: oneshot::Receiver<()>,
     closed: Arc<AtomicBool>,
 ) {
-    let topic: Arc<str> = sub.topic.as_str().into();
+    let origin = Origin {
+        inner: inner.clone(),
+        topic: sub.topic.as_str().into(),
+        group: sub.group.as_str().into(),
+    };
     loop {
         let lost = loop {
             tokio::select! {
@@ -186,7 +192,7 @@ async fn pump(
                                 break f.to_string();
                             }
                         }
-                        let delivery = to_delivery(&topic, d, inner.options.operation_timeout, &closed);
+                        let delivery = to_delivery(&origin, d, &closed);
                         if tx.send(Ok(delivery)).is_err() {
                             return cancel(&inner, live).await;
                         }
@@ -240,18 +246,22 @@ async fn cancel(inner: &Inner, live: Live) {
     }
 }
 
-fn to_delivery(
-    topic: &Arc<str>,
-    d: lapin::message::Delivery,
-    timeout: Duration,
-    closed: &Arc<AtomicBool>,
-) -> Delivery {
+/// Where a subscription's deliveries come from: what their ackers need to
+/// send a delayed retry back to the group.
+#[derive(Clone)]
+struct Origin {
+    inner: Arc<Inner>,
+    topic: Arc<str>,
+    group: Arc<str>,
+}
+
+fn to_delivery(origin: &Origin, d: lapin::message::Delivery, closed: &Arc<AtomicBool>) -> Delivery {
     let earlier = codec::earlier_deliveries(&d.properties, d.redelivered);
     let message = codec::decode(&d.properties, d.data);
     Delivery::new(
         Received {
             message,
-            topic: topic.clone(),
+            topic: origin.topic.clone(),
             redelivered: d.redelivered,
             partition: None,
             offset: None,
@@ -259,8 +269,9 @@ fn to_delivery(
         },
         Box::new(RabbitAcker {
             acker: d.acker,
-            timeout,
+            timeout: origin.inner.options.operation_timeout,
             closed: closed.clone(),
+            origin: origin.clone(),
         }),
     )
 }
@@ -310,6 +321,7 @@ struct RabbitAcker {
     acker: lapin::Acker,
     timeout: Duration,
     closed: Arc<AtomicBool>,
+    origin: Origin,
 }
 
 impl RabbitAcker {
@@ -350,5 +362,30 @@ impl Acker for RabbitAcker {
             ..Default::default()
         };
         self.settle("nack", self.acker.nack(options)).await
+    }
+
+    /// Publishes the copy, with a confirm, to the group's delay queue of
+    /// the tier (`{topic}.delay.{tier}@{group}`, dead-lettered into the
+    /// group's queue when due), then acks the delivery.
+    async fn retry_after(self: Box<Self>, message: Message, delay: Duration) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed("rabbitmq subscription"));
+        }
+        let origin = self.origin.clone();
+        match publish::publish_after(
+            &origin.inner,
+            &origin.topic,
+            Some(&origin.group),
+            message,
+            delay,
+        )
+        .await
+        {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.nack(true).await?;
+                Err(e)
+            }
+        }
     }
 }

@@ -137,16 +137,35 @@ pub fn delay_queues_of(topic: &str) -> Vec<String> {
 struct Noting {
     broker: RabbitMqBroker,
     created: Created,
+    /// The group's delay queues of every tier (delayed retries may declare them).
+    possible: Created,
 }
 
 #[async_trait]
 impl Subscriber for Noting {
     async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
         self.created.add(&subscription.topic, &subscription.group);
+        self.possible
+            .0
+            .lock()
+            .unwrap()
+            .extend(broker_core::delay::Tier::all().map(|tier| {
+                RabbitMqBroker::group_delay_queue_name(
+                    &subscription.topic,
+                    &subscription.group,
+                    tier,
+                )
+            }));
         self.broker.subscribe(subscription).await
     }
     async fn health(&self) -> Health {
         Subscriber::health(&self.broker).await
+    }
+    fn backend_name(&self) -> &'static str {
+        Subscriber::backend_name(&self.broker)
+    }
+    fn delayed_retry(&self) -> bool {
+        self.broker.delayed_retry()
     }
 }
 
@@ -214,6 +233,7 @@ impl TestBackend for Rabbit {
         Arc::new(Noting {
             broker: broker().await,
             created: self.created.clone(),
+            possible: self.possible.clone(),
         })
     }
     async fn topic(&self, hint: &str) -> String {
