@@ -85,7 +85,7 @@ use broker_core::config::{BrokerKind, ConfigError, Route};
 use broker_core::message::{millis_since_epoch, now_millis};
 use broker_core::{
     typed, Backoff, BrokerError, ConsumerHandle, Event, FailureKind, Handler, HandlerError, Health,
-    Metrics, MetricsSnapshot, Publisher, Received, Result,
+    Metrics, MetricsSnapshot, Publisher, Received, Result, RetryMode,
 };
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -304,6 +304,8 @@ impl App {
             concurrency: 1,
             prefetch: None,
             retry: None,
+            retry_mode: RetryMode::InPlace,
+            delivery_limit: None,
         });
         self.consumers.last_mut().expect("just pushed")
     }
@@ -356,6 +358,12 @@ impl App {
                 if let Some(retry) = options.retry.clone() {
                     builder = builder.retry(retry);
                 }
+                builder = builder.retry_mode(options.retry_mode);
+                builder = match options.delivery_limit {
+                    None => builder,
+                    Some(Some(limit)) => builder.delivery_limit(limit),
+                    Some(None) => builder.without_delivery_limit(),
+                };
                 let result = builder.start().await;
                 (options, endpoints.route, metrics, last_error, result)
             }))
@@ -422,6 +430,8 @@ pub struct ConsumerOptions {
     concurrency: usize,
     prefetch: Option<usize>,
     retry: Option<Backoff>,
+    retry_mode: RetryMode,
+    delivery_limit: Option<Option<u32>>,
 }
 
 impl std::fmt::Debug for ConsumerOptions {
@@ -456,6 +466,19 @@ impl ConsumerOptions {
     /// Retry policy for handler errors (default [`Backoff::retry_default`]).
     pub fn retry(&mut self, policy: Backoff) -> &mut Self {
         self.retry = Some(policy);
+        self
+    }
+    /// Where a failed message waits for its retry (default in place; see
+    /// [`RetryMode`]).
+    pub fn retry_mode(&mut self, mode: RetryMode) -> &mut Self {
+        self.retry_mode = mode;
+        self
+    }
+    /// Deliveries of one message that may end unsettled before it is
+    /// dead-lettered without calling the handler (see
+    /// [`broker_core::ConsumerBuilder::delivery_limit`]); `None`: no limit.
+    pub fn delivery_limit(&mut self, limit: Option<u32>) -> &mut Self {
+        self.delivery_limit = Some(limit);
         self
     }
 }

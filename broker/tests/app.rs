@@ -601,3 +601,61 @@ async fn kafka_consumers_start_together() {
     assert!(eventually(WAIT, || *seen.lock().unwrap() == 3).await);
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn consumer_options_reach_the_runtime_delayed_retry_and_delivery_limit() {
+    let (stop, signal) = signal();
+    let mut app = App::from_vars(["jobs"], Vec::<(String, String)>::new())
+        .await
+        .unwrap()
+        .shutdown_signal(signal)
+        .shutdown_deadline(Duration::from_secs(5));
+    let topic = unique("apptest.delayed");
+    let publisher = app.publisher("jobs").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    app.consume("jobs", "workers", move |job: Job, r: Received| {
+        record.lock().unwrap().push((job.id.clone(), r.attempt));
+        async move {
+            match (job.id.as_str(), r.attempt) {
+                ("flaky", 1) => Err(HandlerError::retryable("first attempt fails")),
+                _ => Ok(()),
+            }
+        }
+    })
+    .topic(&topic)
+    .retry(
+        broker::Backoff::retry_default()
+            .max_attempts(2)
+            .initial_delay(Duration::from_secs(1))
+            .without_jitter(),
+    )
+    .retry_mode(broker::RetryMode::Delayed)
+    .delivery_limit(Some(2));
+    let running = app.start().await.unwrap();
+    for id in ["flaky", "next"] {
+        publisher
+            .publish_event_to(&topic, &job(id, false), None)
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || seen.lock().unwrap().len() == 3).await,
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    // Same key: in place, `next` would wait for `flaky`'s retry.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ("flaky".to_owned(), 1),
+            ("next".to_owned(), 1),
+            ("flaky".to_owned(), 2)
+        ]
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), running.run())
+        .await
+        .expect("shutdown within its deadline")
+        .expect("clean shutdown");
+}

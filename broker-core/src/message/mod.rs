@@ -37,7 +37,8 @@ pub mod header {
     pub const TIMESTAMP: &str = "timestamp-ms";
     /// Why a message was dead-lettered.
     pub const DLQ_REASON: &str = "x-dlq-reason";
-    /// Kind of failure: `handler`, `permanent`, `decode`, `validation`, `panic`.
+    /// Kind of failure: `handler`, `permanent`, `decode`, `validation`,
+    /// `panic`, `delivery-limit`.
     pub const DLQ_ERROR_KIND: &str = "x-dlq-error-kind";
     /// The topic the message was consumed from.
     pub const DLQ_ORIGINAL_TOPIC: &str = "x-dlq-original-topic";
