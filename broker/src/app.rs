@@ -84,8 +84,9 @@ use async_trait::async_trait;
 use broker_core::config::{BrokerKind, ConfigError, Route};
 use broker_core::message::{millis_since_epoch, now_millis};
 use broker_core::{
-    typed, Backoff, BrokerError, ConsumerHandle, Event, FailureKind, Handler, HandlerError, Health,
-    Metrics, MetricsSnapshot, Publisher, Received, Result, RetryMode,
+    typed, typed_batch, Backoff, BatchError, BatchHandler, BrokerError, ConsumerHandle, Event,
+    FailureKind, Handler, HandlerError, Health, Metrics, MetricsSnapshot, Publisher, Received,
+    Result, RetryMode,
 };
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -296,11 +297,52 @@ impl App {
         group: &str,
         handler: impl Handler,
     ) -> &mut ConsumerOptions {
+        self.register(module, topic, group, Work::One(Arc::new(handler)))
+    }
+
+    /// Registers a consumer of typed events `E` that handles them in
+    /// batches (see [`broker_core::batch`]): `handle` gets up to
+    /// [`ConsumerOptions::batch`]'s `max_messages` decoded events at once.
+    /// Undecodable or invalid payloads go to the dead-letter topic without
+    /// reaching it.
+    pub fn consume_batch<E, F, Fut>(
+        &mut self,
+        module: &str,
+        group: &str,
+        handle: F,
+    ) -> &mut ConsumerOptions
+    where
+        E: Event,
+        F: Fn(Vec<(E, Received)>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BatchError>> + Send + 'static,
+    {
+        self.consume_batch_raw(module, E::TOPIC, group, typed_batch(handle))
+    }
+
+    /// Registers a consumer of `topic` in `group` with any [`BatchHandler`].
+    pub fn consume_batch_raw(
+        &mut self,
+        module: &str,
+        topic: &str,
+        group: &str,
+        handler: impl BatchHandler,
+    ) -> &mut ConsumerOptions {
+        self.register(module, topic, group, Work::Batch(Arc::new(handler)))
+    }
+
+    fn register(
+        &mut self,
+        module: &str,
+        topic: &str,
+        group: &str,
+        handler: Work,
+    ) -> &mut ConsumerOptions {
         self.consumers.push(ConsumerOptions {
             module: module.to_lowercase(),
             topic: topic.to_owned(),
             group: group.to_owned(),
-            handler: Arc::new(handler),
+            handler,
+            batch: None,
             concurrency: 1,
             prefetch: None,
             retry: None,
@@ -344,16 +386,25 @@ impl App {
             futures::future::join_all(planned.into_iter().map(|(options, endpoints)| async move {
                 let metrics = Arc::new(Metrics::default());
                 let last_error = Arc::new(Mutex::new(None));
-                let mut builder = endpoints
-                    .consumer(&options.topic, &options.group)
-                    .handler(Tracked {
-                        inner: options.handler.clone(),
+                let builder = endpoints.consumer(&options.topic, &options.group);
+                let builder = match &options.handler {
+                    Work::One(handler) => builder.handler(Tracked {
+                        inner: handler.clone(),
                         last_error: last_error.clone(),
-                    })
+                    }),
+                    Work::Batch(handler) => builder.batch_handler(TrackedBatch {
+                        inner: handler.clone(),
+                        last_error: last_error.clone(),
+                    }),
+                };
+                let mut builder = builder
                     .concurrency(options.concurrency)
                     .metrics(metrics.clone());
                 if let Some(prefetch) = options.prefetch {
                     builder = builder.prefetch(prefetch);
+                }
+                if let (Some((max, wait)), Work::Batch(_)) = (options.batch, &options.handler) {
+                    builder = builder.batch(max, wait);
                 }
                 if let Some(retry) = options.retry.clone() {
                     builder = builder.retry(retry);
@@ -426,7 +477,8 @@ pub struct ConsumerOptions {
     module: String,
     topic: String,
     group: String,
-    handler: Arc<dyn Handler>,
+    handler: Work,
+    batch: Option<(usize, Duration)>,
     concurrency: usize,
     prefetch: Option<usize>,
     retry: Option<Backoff>,
@@ -466,6 +518,14 @@ impl ConsumerOptions {
     /// Retry policy for handler errors (default [`Backoff::retry_default`]).
     pub fn retry(&mut self, policy: Backoff) -> &mut Self {
         self.retry = Some(policy);
+        self
+    }
+    /// Batch limits of a batch consumer ([`App::consume_batch`]): at most
+    /// `max_messages` per call, at most `max_wait` from a batch's first
+    /// message to the call (default 100 messages, 100 ms). Ignored by a
+    /// consumer of single messages.
+    pub fn batch(&mut self, max_messages: usize, max_wait: Duration) -> &mut Self {
+        self.batch = Some((max_messages.max(1), max_wait));
         self
     }
     /// Where a failed message waits for its retry (default in place; see
@@ -996,9 +1056,47 @@ struct Slot {
 }
 
 /// The registered handler, noting each failure's text for the health view.
+/// A registered consumer's handler.
+enum Work {
+    One(Arc<dyn Handler>),
+    Batch(Arc<dyn BatchHandler>),
+}
+
 struct Tracked {
     inner: Arc<dyn Handler>,
     last_error: LastError,
+}
+
+/// [`Tracked`] for a batch handler: notes the first failure of a batch
+/// (the runtime catches its panics).
+struct TrackedBatch {
+    inner: Arc<dyn BatchHandler>,
+    last_error: LastError,
+}
+
+#[async_trait]
+impl BatchHandler for TrackedBatch {
+    async fn handle_batch(&self, batch: Vec<Received>) -> Result<(), BatchError> {
+        let result = self.inner.handle_batch(batch).await;
+        if let Err(e) = &result {
+            let text = match e.failures().and_then(|f| f.first()) {
+                Some((_, error)) => error_text(error),
+                None => "the whole batch failed".to_owned(),
+            };
+            *lock(&self.last_error) = Some((text, millis_since_epoch(now_millis())));
+        }
+        result
+    }
+}
+
+/// A handler error as the health view shows it: never payload values.
+fn error_text(e: &HandlerError) -> String {
+    match e.kind() {
+        // serde and validator errors quote payload values.
+        FailureKind::Decode => "decode: the payload is not a valid event".to_owned(),
+        FailureKind::Validation => "validation: the event failed validation".to_owned(),
+        _ => e.to_string().chars().take(MAX_ERROR_CHARS).collect(),
+    }
 }
 
 #[async_trait]
@@ -1020,12 +1118,7 @@ impl Handler for Tracked {
             )),
         };
         if let Err(e) = &result {
-            let text = match e.kind() {
-                // serde and validator errors quote payload values.
-                FailureKind::Decode => "decode: the payload is not a valid event".to_owned(),
-                FailureKind::Validation => "validation: the event failed validation".to_owned(),
-                _ => e.to_string().chars().take(MAX_ERROR_CHARS).collect(),
-            };
+            let text = error_text(e);
             *lock(&self.last_error) = Some((text, millis_since_epoch(now_millis())));
         }
         result

@@ -659,3 +659,64 @@ async fn consumer_options_reach_the_runtime_delayed_retry_and_delivery_limit() {
         .expect("shutdown within its deadline")
         .expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn batch_consumers_get_batches_and_report_failures() {
+    let (stop, signal) = signal();
+    let mut app = App::from_vars(["jobs"], Vec::<(String, String)>::new())
+        .await
+        .unwrap()
+        .shutdown_signal(signal)
+        .shutdown_deadline(Duration::from_secs(5));
+    let topic = unique("apptest.batch");
+    let publisher = app.publisher("jobs").unwrap();
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let record = sizes.clone();
+    app.consume_batch("jobs", "bulk", move |jobs: Vec<(Job, Received)>| {
+        record.lock().unwrap().push(jobs.len());
+        let bad = jobs.iter().position(|(j, _)| j.id == "bad");
+        async move {
+            match bad {
+                Some(i) => Err(broker::BatchError::failed(
+                    i,
+                    HandlerError::permanent("job bad refused"),
+                )),
+                None => Ok(()),
+            }
+        }
+    })
+    .topic(&topic)
+    .batch(10, Duration::from_millis(300));
+    let running = app.start().await.unwrap();
+    let status = running.status();
+    let jobs: Vec<Job> = (0..9)
+        .map(|i| job(&format!("j{i}"), false))
+        .chain([job("bad", false)])
+        .collect();
+    for j in &jobs {
+        publisher.publish_event_to(&topic, j, None).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let c = &status.consumers()[0];
+            c.handled == 9 && c.dead_lettered == 1
+        })
+        .await,
+        "{:?}",
+        status.consumers()
+    );
+    // One batch of ten; the refused one (permanent) is dead-lettered at
+    // once, not called again.
+    assert_eq!(*sizes.lock().unwrap(), [10]);
+    let report = status.health().await;
+    let error = report.consumers[0]
+        .last_error
+        .as_ref()
+        .expect("a last error");
+    assert!(error.contains("job bad refused"), "{error:?}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), running.run())
+        .await
+        .expect("shutdown within its deadline")
+        .expect("clean shutdown");
+}
