@@ -160,19 +160,20 @@ pub async fn serve(
             .topic(&names.1.end_topic),
     };
     credits_consumer.concurrency(4);
+    // Usage logs are written in bulk: up to 500 per call, or what came
+    // within 200 ms.
     let l = ledger.clone();
-    app.consume(
+    app.consume_batch(
         feature_usage::MODULE,
         &names.0.group,
-        move |log: FeatureUsageLog, _: Received| {
-            let l = l.clone();
-            async move {
-                l.units.fetch_add(log.units, Ordering::SeqCst);
-                Ok(())
-            }
+        move |logs: Vec<(FeatureUsageLog, Received)>| {
+            let units: u64 = logs.iter().map(|(log, _)| log.units).sum();
+            l.units.fetch_add(units, Ordering::SeqCst);
+            async { Ok(()) }
         },
     )
-    .topic(&names.0.topic);
+    .topic(&names.0.topic)
+    .batch(500, Duration::from_millis(200));
     let (usage, credits) = (app.publisher(MODULES[0])?, app.publisher(MODULES[1])?);
     let credits_route = app.endpoints(MODULES[1])?;
     let running = app.start().await?;
