@@ -114,7 +114,11 @@ if wants rabbitmq; then
     RABBITMQ_TLS_URL=$(sed -n 's/^RABBITMQ_TLS_URL=//p' <<<"$tls_env")
     RABBITMQ_TLS_CA=$(sed -n 's/^RABBITMQ_TLS_CA=//p' <<<"$tls_env")
     export RABBITMQ_TLS_URL RABBITMQ_TLS_CA
-    # A third node with max_message_size 4 MiB for the refusal tests (broker-rabbitmq/tests/faults.rs).
+    # A third node with max_message_size 4 MiB for the refusal tests (broker-rabbitmq/tests/faults.rs),
+    # on a free port when 5682 is taken by another checkout's node.
+    if [[ -z ${RABBITMQ_LIMITS_PORT:-} ]] && ! bash scripts/ensure-rabbitmq-limits.sh status && port_open 5682; then
+      for p in $(seq 15682 15781); do port_open "$p" || { export RABBITMQ_LIMITS_PORT=$p; break; }; done
+    fi
     bash scripts/ensure-rabbitmq-limits.sh status || on_exit+=("bash scripts/ensure-rabbitmq-limits.sh stop")
     RABBITMQ_LIMITS_URL=$(bash scripts/ensure-rabbitmq-limits.sh start | sed -n 's/^RABBITMQ_LIMITS_URL=//p')
     export RABBITMQ_LIMITS_URL
