@@ -49,6 +49,7 @@ use broker_core::{
 use crate::client_config::{client_config, config_error, Role};
 use crate::codec::decode;
 use crate::context::{error_limited, log_limited, LogLimiter};
+use crate::delay::{Follower, Retry};
 use crate::deliveries::{CountStore, DeliveryCounts, STORE_TIMEOUT};
 use crate::tracker::{OffsetTracker, Token};
 use rdkafka::config::RDKafkaLogLevel;
@@ -91,6 +92,10 @@ struct Shared {
     /// Set when the stream closes or goes: acks and nacks then fail with
     /// `Closed`, as on every backend (the records are read again by the group).
     closed: AtomicBool,
+    /// Where delayed retries of this subscription go, when it has a delay topic.
+    retry: Option<Retry>,
+    /// The delay reader, which follows this member's assignment.
+    follower: Option<Arc<Follower>>,
 }
 
 struct State {
@@ -381,16 +386,24 @@ impl ConsumerContext for GroupContext {
                         tracing::warn!(error = %e, "storing delivery counts on revoke failed");
                     }
                 }
+                if let Some(follower) = &self.shared.follower {
+                    follower.revoke(&partitions, lost);
+                }
                 self.shared.room.notify_one();
                 self.shared.ready.notify_one();
             }
             Rebalance::Assign(tpl) => {
                 let partitions = self.shared.partitions_of(tpl);
                 tracing::info!(topic = %self.shared.topic, ?partitions, "partitions assigned");
-                let mut state = self.shared.lock();
-                for p in partitions {
-                    state.tracker.assign(p);
-                    state.counts.assign(p);
+                {
+                    let mut state = self.shared.lock();
+                    for &p in &partitions {
+                        state.tracker.assign(p);
+                        state.counts.assign(p);
+                    }
+                }
+                if let Some(follower) = &self.shared.follower {
+                    follower.assign(&partitions);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -441,6 +454,8 @@ pub(crate) async fn open(
     settings: &KafkaSettings,
     subscription: Subscription,
     options: &ConsumerOptions,
+    retry: Option<Retry>,
+    follower: Option<Arc<Follower>>,
 ) -> Result<Box<dyn DeliveryStream>> {
     let (assigned, mut assigned_rx) = watch::channel(false);
     let prefetch = subscription.prefetch.max(1);
@@ -463,6 +478,8 @@ pub(crate) async fn open(
         assigned,
         closed: AtomicBool::new(false),
         assignments: AtomicU64::new(0),
+        retry,
+        follower,
     });
     let counts = Arc::new(CountStore::new(
         settings,
@@ -985,6 +1002,27 @@ impl Acker for KafkaAcker {
         drop(state);
         self.shared.ready.notify_one();
         Ok(())
+    }
+
+    /// Produces the copy to its tier of the topic's delay topic, for this
+    /// group only (see [`crate::delay`]), then acks the record; when that
+    /// fails, the record is handed out again.
+    async fn retry_after(self: Box<Self>, message: Message, delay: Duration) -> Result<()> {
+        self.check_open()?;
+        let sent = match self.shared.retry.clone() {
+            Some(retry) => retry.send(message, delay, self.record.partition).await,
+            None => Err(BrokerError::Unsupported {
+                backend: "kafka",
+                operation: "delayed retry on a topic without a delay topic",
+            }),
+        };
+        match sent {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.nack(true).await?;
+                Err(e)
+            }
+        }
     }
 }
 

@@ -26,6 +26,42 @@
 //!   assignment, nothing per message except while recovering. The group
 //!   needs `Read` on `{group}.delivery-counts` under ACLs; lag tools show
 //!   it with meaningless offsets.
+//! - Delayed publish ([`Publisher::publish_after`]) and delayed, non-blocking
+//!   retries ([`broker_core::RetryMode::Delayed`]) go through the delay
+//!   topic `{topic}.retry`: one partition per delay tier (1 s, 5 s, 30 s,
+//!   2 min, 10 min, 1 h, 6 h, 24 h; the delay is rounded up to one) and
+//!   partition of the topic, partition `tier * N + p` for a topic of `N`
+//!   partitions. A record carries its due time (`x-delay-due-ms`) and, for a
+//!   retry copy, the one group it is for (`x-retry-group`); a retry goes to
+//!   the partitions of the topic partition it was read from, a delayed
+//!   publish to those of a partition chosen from its key. Each subscription
+//!   has a *delay reader*, a second client that joins no group: it follows
+//!   the member's assignment (the member owning topic partition `p` reads
+//!   `p`'s delay partitions, one per tier) and commits to the group
+//!   `{group}.retry`, which never has members. All records of a delay
+//!   partition wait the same tier, so they fall due in offset order: the
+//!   reader keeps what it received and pauses only a partition whose head
+//!   is not due (or that has `prefetch` records unfinished), wakes when the
+//!   head falls due and resumes from the record after the last one it got;
+//!   other tiers and the main topic go on meanwhile. Records of another
+//!   group are settled without reaching the handler; the others come
+//!   through the same stream as the topic's records, exactly as published
+//!   (the delay headers removed), as first deliveries. Offsets of delay
+//!   records are committed only up to the lowest unhandled one, and on a
+//!   revoke before the next owner reads, so a restart or a rebalance while
+//!   a record waits loses nothing (at-least-once). Accuracy: never early,
+//!   at most one tier late plus the reader's latency, measured from the
+//!   publishing machine's clock (the due time is set when the record is
+//!   sent). Cost: one delay topic of `8 * N` partitions per subscribed or
+//!   delay-published topic (created with the topic spec but the cluster's
+//!   retention, which must be above 24 h; an existing one with another
+//!   partition count is refused with [`BrokerError::Refused`], and the topic
+//!   may not gain partitions while records wait), one extra client per
+//!   subscription and one commit per delay partition and commit interval
+//!   with activity. Every group of a topic reads every retry copy of the
+//!   other groups (and skips it). Subscriptions to `*.dlq` and `*.retry`
+//!   topics have no delay reader; without auto-creation a topic whose delay
+//!   topic is missing or does not fit is consumed without one.
 //! - Topics (and their `{topic}.dlq`) are created when first used, with
 //!   [`TopicSpec`] (disable with [`KafkaBrokerBuilder::auto_create_topics`]).
 //! - Every entry of [`KafkaSettings::properties`] goes to librdkafka as is
@@ -43,7 +79,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +92,7 @@ use crate::context::ClientWatch;
 pub use crate::context::LOG_INTERVAL;
 
 use broker_core::config::{ConfigError, KafkaSettings};
+use broker_core::delay::Tier;
 use broker_core::message::check_outgoing;
 use broker_core::topic::{dead_letter_topic, validate_topic};
 use broker_core::{
@@ -68,6 +105,7 @@ mod client_config;
 mod codec;
 mod consumer;
 mod context;
+mod delay;
 mod deliveries;
 mod lag;
 mod refusal;
@@ -103,6 +141,8 @@ struct Inner {
     closed: tokio::sync::RwLock<bool>,
     /// Topics known to exist (created or found) by this broker.
     known_topics: Mutex<HashSet<String>>,
+    /// Topics whose delay topic fits, with their partition counts.
+    delay_layouts: Mutex<HashMap<String, i32>>,
     options: Options,
     max_message_bytes: usize,
     /// librdkafka's `message.max.bytes`: the producer refuses larger
@@ -243,6 +283,7 @@ impl KafkaBrokerBuilder {
                 watch,
                 closed: tokio::sync::RwLock::new(false),
                 known_topics: Mutex::new(HashSet::new()),
+                delay_layouts: Mutex::new(HashMap::new()),
                 options,
                 max_message_bytes,
                 client_limit: limit,
@@ -450,10 +491,14 @@ impl KafkaBroker {
         topic: &str,
         message: &Message,
         deadline: tokio::time::Instant,
+        partition: Option<i32>,
     ) -> Result<DeliveryFuture> {
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .headers(codec::encode_headers(message))
             .timestamp(message.timestamp_millis());
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -544,6 +589,118 @@ impl KafkaBroker {
         refusal::size_refusal(code, topic, message.encoded_len(), limit)
     }
 
+    /// Makes sure `{topic}.retry`, the delay topic of `topic`, exists with
+    /// one partition per delay tier and partition of `topic` (created with
+    /// the topic spec's replication and settings but the cluster's
+    /// retention, which must outlast the longest tier); returns its name
+    /// and the partitions of `topic`. Checked once per broker and topic.
+    async fn ensure_delay_topic(&self, topic: &str) -> Result<(String, i32)> {
+        let name = delay::delay_topic(topic);
+        validate_topic(&name)?;
+        if let Some(&count) = self.delay_layouts().get(topic) {
+            return Ok((name, count));
+        }
+        self.ensure_topics(&[topic]).await?;
+        let main = self.partition_count(topic).await? as i32;
+        if main == 0 {
+            return Err(BrokerError::Refused {
+                backend: BACKEND,
+                operation: "delayed publish and delayed retry",
+                reason: format!("topic {topic} does not exist"),
+            });
+        }
+        let wanted = delay::partitions(main);
+        if self.inner.options.auto_create_topics {
+            let mut spec = self.inner.options.topic_spec.clone();
+            spec.partitions = wanted;
+            spec.config.retain(|k, _| !k.starts_with("retention."));
+            self.create_with_retry(&[&name], &spec).await?;
+        }
+        let found = self.partition_count(&name).await?;
+        if found != wanted as usize {
+            return Err(BrokerError::Refused {
+                backend: BACKEND,
+                operation: "delayed publish and delayed retry",
+                reason: match found {
+                    0 => format!(
+                        "the delay topic {name} does not exist: create it with {wanted} partitions ({} delay tiers x {main} partitions of {topic}) or turn on auto_create_topics",
+                        delay::tiers()
+                    ),
+                    n => format!(
+                        "the delay topic {name} has {n} partitions; it needs {wanted} ({} delay tiers x {main} partitions of {topic}): recreate it once it is empty",
+                        delay::tiers()
+                    ),
+                },
+            });
+        }
+        self.delay_layouts().insert(topic.to_owned(), main);
+        Ok((name, main))
+    }
+
+    fn delay_layouts(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        self.inner
+            .delay_layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Partitions of `topic` in the cluster's metadata (0 when unknown).
+    /// Without auto-creation, reads the metadata of every topic: asking for
+    /// one by name would let a cluster that creates topics on first use
+    /// create it with its default partitions.
+    async fn partition_count(&self, topic: &str) -> Result<usize> {
+        let producer = self.inner.producer.clone();
+        let topic = topic.to_owned();
+        let timeout = self.request_timeout();
+        let by_name = self.inner.options.auto_create_topics;
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(by_name.then_some(topic.as_str()), timeout)
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map_or(0, |t| t.partitions().len())
+                })
+        })
+        .await
+        .map_err(|e| BrokerError::backend(BACKEND, e))?
+        .map_err(|e| BrokerError::backend(BACKEND, e))
+    }
+
+    /// Produces `message` to the delay topic of `topic`, due after `tier`,
+    /// for every group of the topic or only `group`, in the partition of
+    /// `tier` read by the owner of the topic's partition `main` (by default
+    /// one chosen from the key); returns once the broker accepted it.
+    pub(crate) async fn send_delayed(
+        &self,
+        topic: &str,
+        mut message: Message,
+        tier: Tier,
+        group: Option<&str>,
+        main: Option<i32>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.inner.message_timeout;
+        self.by(deadline, async {
+            let (delay_topic, count) = self.ensure_delay_topic(topic).await?;
+            let main = main.unwrap_or_else(|| delay::spread(&message, count));
+            delay::mark(&mut message, tier, group);
+            let delivery = {
+                let closed = self.inner.closed.read().await;
+                if *closed {
+                    return Err(BrokerError::Closed("kafka publisher"));
+                }
+                let partition = Some(delay::partition_of(tier, main, count));
+                self.enqueue(&delay_topic, &message, deadline, partition)
+                    .await?
+            };
+            self.delivered(&delay_topic, &message, delivery, &TopicLimit::new())
+                .await
+        })
+        .await
+    }
+
     async fn health_check(&self) -> Health {
         match self.metadata_round_trip().await {
             Ok(0) => Health::Unhealthy("kafka: metadata lists no brokers".into()),
@@ -596,12 +753,23 @@ impl Publisher for KafkaBroker {
                 if *closed {
                     return Err(BrokerError::Closed("kafka publisher"));
                 }
-                self.enqueue(topic, &message, deadline).await?
+                self.enqueue(topic, &message, deadline, None).await?
             };
             self.delivered(topic, &message, delivery, &TopicLimit::new())
                 .await
         })
         .await
+    }
+
+    /// Produces the message to its tier's partition of `{topic}.retry`;
+    /// every subscription of the topic hands it out once it falls due (see
+    /// the crate documentation). Returns once the broker accepted it.
+    async fn publish_after(&self, topic: &str, message: Message, delay: Duration) -> Result<()> {
+        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
+        match Tier::for_delay(delay)? {
+            None => self.publish(topic, message).await,
+            Some(tier) => self.send_delayed(topic, message, tier, None, None).await,
+        }
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
@@ -619,7 +787,7 @@ impl Publisher for KafkaBroker {
                 return Err(BrokerError::Closed("kafka publisher"));
             }
             for m in &messages {
-                pending.push(self.enqueue(topic, m, deadline).await);
+                pending.push(self.enqueue(topic, m, deadline, None).await);
             }
         }
         let limit = &TopicLimit::new();
@@ -680,12 +848,53 @@ impl Subscriber for KafkaBroker {
         if !self.inner.options.auto_create_topics {
             self.wait_reachable().await?;
         }
-        consumer::open(
+        let delay_topic = match delay::reads_delays(&subscription.topic) {
+            true => match self.ensure_delay_topic(&subscription.topic).await {
+                Ok(layout) => Some(layout),
+                // `{topic}.retry` is too long a name, or the cluster manages
+                // topics and has no fitting one: no delays for this topic.
+                Err(e @ BrokerError::InvalidTopic(_)) => {
+                    tracing::warn!(topic = %subscription.topic, error = %e, "no delay topic: delayed publish and delayed retry are not available for this topic");
+                    None
+                }
+                Err(e @ BrokerError::Refused { .. }) if !self.inner.options.auto_create_topics => {
+                    tracing::warn!(topic = %subscription.topic, error = %e, "no delay topic: delayed publish and delayed retry are not available for this topic");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        let options = &self.inner.options.consumer;
+        let Some((delay_topic, count)) = delay_topic else {
+            return consumer::open(&self.inner.settings, subscription, options, None, None).await;
+        };
+        let retry = delay::Retry::new(self.clone(), &subscription.topic, &subscription.group);
+        // The delay reader joins no group: it follows the main consumer's
+        // assignment, so it exists before the main consumer joins.
+        let (delays, follower) = delay::open(
+            &self.inner.settings,
+            delay_topic,
+            count,
+            &subscription,
+            retry.clone(),
+            options,
+        )?;
+        let main = consumer::open(
             &self.inner.settings,
             subscription,
-            &self.inner.options.consumer,
+            options,
+            Some(retry),
+            Some(follower),
         )
-        .await
+        .await?;
+        Ok(Box::new(delay::Merged::new(main, delays)))
+    }
+
+    /// Delayed retries go to the topic's delay topic, marked for the
+    /// subscription's group (see the crate documentation).
+    fn delayed_retry(&self) -> bool {
+        true
     }
 
     async fn health(&self) -> Health {

@@ -101,6 +101,9 @@ impl TestBackend for Kafka {
             .unwrap_or_else(|e| panic!("create topic {topic}: {e}"));
         topic
     }
+    fn delayed_publish(&self) -> bool {
+        true
+    }
 }
 
 /// The backend of the conformance suite.
