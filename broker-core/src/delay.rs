@@ -10,8 +10,9 @@
 //!
 //! Tiers exist because brokers delay cheaply only in a few fixed steps:
 //! RabbitMQ keeps one queue per topic and tier whose messages all share one
-//! time-to-live (so first in is first due), Kafka one delay topic per tier
-//! (`{topic}.retry.{tier}`). Every backend, the in-memory one included,
+//! time-to-live (so first in is first due), Kafka one partition per tier
+//! (and topic partition) of the delay topic `{topic}.retry`. Every backend,
+//! the in-memory one included,
 //! waits the tier, not the exact delay, so code behaves the same on each.
 //!
 //! ```

@@ -33,7 +33,8 @@ use crate::message::{header, millis_since_epoch, Message};
 /// handler sees the message): the dead letter's `x-dlq-attempts` counts
 /// every attempt, across restarts. Each backend keeps the waiting copy in
 /// the broker: RabbitMQ in a per-group delay queue per tier, Kafka in the
-/// topic's retry topics, memory in the process. A consumer asking for
+/// topic's delay topic `{topic}.retry` (marked for the group), memory in
+/// the process. A consumer asking for
 /// `Delayed` on a backend without a retry destination fails to start with
 /// [`crate::BrokerError::Unsupported`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
