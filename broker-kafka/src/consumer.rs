@@ -673,14 +673,7 @@ async fn drive(
         drop(consumer);
         result
     });
-    let committed = match tokio::time::timeout(options.close_timeout, leave).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
-        Err(_) => Err(BrokerError::Timeout {
-            operation: "kafka consumer close",
-            after: options.close_timeout,
-        }),
-    };
+    let committed = close_within(leave, options.close_timeout, "kafka consumer close").await;
     {
         let mut state = shared.lock();
         state.finished = true;
@@ -690,6 +683,20 @@ async fn drive(
     }
     shared.ready.notify_one();
     outcome.and(committed)
+}
+
+/// Waits at most `after` for a consumer's blocking close step (final
+/// commit, leaving); a timeout or a panic of the step is the error.
+pub(crate) async fn close_within(
+    step: JoinHandle<Result<()>>,
+    after: Duration,
+    operation: &'static str,
+) -> Result<()> {
+    match tokio::time::timeout(after, step).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
+        Err(_) => Err(BrokerError::Timeout { operation, after }),
+    }
 }
 
 /// Moves fetched records into the stream's buffer (counted unfinished from

@@ -645,14 +645,9 @@ async fn drive(
         drop(consumer);
         result
     });
-    let committed = match tokio::time::timeout(options.close_timeout, leave).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(BrokerError::backend("kafka", join)),
-        Err(_) => Err(BrokerError::Timeout {
-            operation: "kafka delay consumer close",
-            after: options.close_timeout,
-        }),
-    };
+    let committed =
+        crate::consumer::close_within(leave, options.close_timeout, "kafka delay consumer close")
+            .await;
     {
         let mut state = shared.lock();
         state.finished = true;
