@@ -21,6 +21,7 @@
 //! [`Publisher::close`] are still delivered when due.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -55,8 +56,12 @@ pub struct MemoryBroker {
     inner: Arc<Inner>,
 }
 
+/// Topics by name. Keys are names the application chose (not input an
+/// attacker picks), looked up on every publish: a cheap hash, not SipHash.
+type Topics = HashMap<String, Topic, BuildHasherDefault<FastHash>>;
+
 struct Inner {
-    topics: Mutex<HashMap<String, Topic>>,
+    topics: Mutex<Topics>,
     closed: AtomicBool,
     max_message_bytes: usize,
     retention: usize,
@@ -115,12 +120,16 @@ struct QueueState {
     /// Sequence number of the next message queued.
     next_seq: u64,
     /// Delivered to a member and not settled, by tag, with the member's id.
-    unacked: BTreeMap<u64, (Pending, u64)>,
+    /// A hash map: an insert and a remove per message, the cheapest way
+    /// that stays small when one delivery is held for long.
+    unacked: HashMap<u64, (Pending, u64), BuildHasherDefault<FastHash>>,
     members: Vec<Member>,
     next_member: usize,
     next_tag: u64,
-    /// Bumped whenever an inbox gains or loses messages other than by its
-    /// own member's `next`: only then are members woken.
+    /// Bumped whenever an empty inbox gains messages, or an inbox loses
+    /// messages other than by its own member's `next`: only then are
+    /// members woken. A member empties its whole inbox when it looks, so
+    /// one wake-up per run of pushes is enough.
     changes: u64,
 }
 
@@ -197,9 +206,11 @@ impl QueueState {
             let member = &mut self.members[i];
             member.held += 1;
             member.full = member.held >= member.prefetch;
+            if member.inbox.is_empty() {
+                self.changes += 1;
+            }
             member.inbox.push_back(tag);
             self.unacked.insert(tag, (pending, member.id));
-            self.changes += 1;
         }
     }
 
@@ -214,12 +225,30 @@ impl QueueState {
             .filter(|(_, (_, holder))| *holder == id)
             .map(|(tag, _)| *tag)
             .collect();
-        for tag in held.into_iter().rev() {
-            if let Some((mut pending, _)) = self.unacked.remove(&tag) {
+        let mut returned: Vec<Pending> = held
+            .into_iter()
+            .filter_map(|tag| self.unacked.remove(&tag))
+            .map(|(mut pending, _)| {
                 pending.returned += 1;
-                self.requeue(pending);
-            }
+                pending
+            })
+            .collect();
+        // One merge of two runs in publish order, not an insert each.
+        returned.sort_unstable_by_key(|p| p.seq);
+        let queued = std::mem::take(&mut self.ready);
+        let mut queued = queued.into_iter().peekable();
+        let mut returned = returned.into_iter().peekable();
+        let mut merged = VecDeque::with_capacity(queued.len() + returned.len());
+        loop {
+            let next = match (queued.peek(), returned.peek()) {
+                (Some(q), Some(r)) if q.seq < r.seq => queued.next(),
+                (_, Some(_)) => returned.next(),
+                (Some(_), None) => queued.next(),
+                (None, None) => break,
+            };
+            merged.extend(next);
         }
+        self.ready = merged;
         self.dispatch();
     }
 }
@@ -340,7 +369,7 @@ impl MemoryBroker {
         }
     }
 
-    fn topics(&self) -> MutexGuard<'_, HashMap<String, Topic>> {
+    fn topics(&self) -> MutexGuard<'_, Topics> {
         lock(&self.inner.topics)
     }
 
@@ -351,7 +380,20 @@ impl MemoryBroker {
         }
     }
 
-    fn append(&self, topics: &mut HashMap<String, Topic>, topic: &str, message: Message) {
+    /// [`check_outgoing`], minus the name check for a topic already known
+    /// (every name in `topics` was validated when it was added).
+    fn check(&self, topics: &Topics, topic: &str, message: &Message) -> Result<()> {
+        let max = self.inner.max_message_bytes;
+        if !topics.contains_key(topic) {
+            return check_outgoing(topic, message, max);
+        }
+        match message.encoded_len() {
+            size if size > max => Err(BrokerError::MessageTooLarge { size, max }),
+            _ => Ok(()),
+        }
+    }
+
+    fn append(&self, topics: &mut Topics, topic: &str, message: Message) {
         // Looked up first: a new String per publish only for a new topic.
         if !topics.contains_key(topic) {
             topics.insert(topic.to_owned(), Topic::default());
@@ -440,6 +482,33 @@ async fn deliver_delayed(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
     }
 }
 
+/// FxHash's mix (a rotate, xor and multiply per word): for topic names and
+/// delivery tags, which the application and this backend pick.
+#[derive(Default, Clone, Copy)]
+struct FastHash(u64);
+
+impl FastHash {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+}
+
 // A poisoned lock only means another task panicked mid-update of plain
 // collections; the data is still consistent enough to keep serving.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -450,8 +519,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         self.check_open()?;
-        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
-        self.append(&mut self.topics(), topic, message);
+        let mut topics = self.topics();
+        self.check(&topics, topic, &message)?;
+        self.append(&mut topics, topic, message);
         Ok(())
     }
 
@@ -473,10 +543,10 @@ impl Publisher for MemoryBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.check_open()?;
-        for m in &messages {
-            check_outgoing(topic, m, self.inner.max_message_bytes)?;
-        }
         let mut topics = self.topics();
+        for m in &messages {
+            self.check(&topics, topic, m)?;
+        }
         for m in messages {
             self.append(&mut topics, topic, m);
         }
@@ -548,12 +618,14 @@ impl Subscriber for MemoryBroker {
             q.dispatch();
         });
         Ok(Box::new(MemoryStream {
-            broker: Arc::downgrade(&self.inner),
-            queue,
+            shared: Arc::new(StreamShared {
+                broker: Arc::downgrade(&self.inner),
+                queue,
+                closed: AtomicBool::new(false),
+            }),
             topic: subscription.topic.into(),
             id,
             taken: VecDeque::new(),
-            closed: Arc::default(),
         }))
     }
 
@@ -567,16 +639,22 @@ impl Subscriber for MemoryBroker {
 }
 
 struct MemoryStream {
-    /// For delayed retries: the broker's timer queue.
-    broker: Weak<Inner>,
-    queue: Arc<GroupQueue>,
+    shared: Arc<StreamShared>,
     topic: Arc<str>,
     id: u64,
     /// Messages taken from this member's inbox, not yet returned by `next`
     /// (still held by the member: its removal requeues them).
     taken: VecDeque<(u64, Pending)>,
+}
+
+/// What a stream's ackers need, behind one reference count (one clone per
+/// delivery instead of three).
+struct StreamShared {
+    /// For delayed retries: the broker's timer queue.
+    broker: Weak<Inner>,
+    queue: Arc<GroupQueue>,
     /// Set when the stream goes: its deliveries can no longer be settled.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
 }
 
 impl MemoryStream {
@@ -585,7 +663,7 @@ impl MemoryStream {
     fn try_take(&mut self) -> Option<Delivery> {
         if self.taken.is_empty() {
             let (id, taken) = (self.id, &mut self.taken);
-            self.queue.update(|state| {
+            self.shared.queue.update(|state| {
                 let Some(member) = state.members.iter_mut().find(|m| m.id == id) else {
                     return;
                 };
@@ -609,10 +687,8 @@ impl MemoryStream {
                 attempt: pending.returned.saturating_add(1),
             },
             Box::new(MemoryAcker {
-                broker: self.broker.clone(),
-                queue: self.queue.clone(),
+                shared: self.shared.clone(),
                 tag,
-                closed: self.closed.clone(),
             }),
         ))
     }
@@ -626,7 +702,7 @@ impl DeliveryStream for MemoryStream {
                 return Some(Ok(d));
             }
             // Register for wake-ups, then look again, so none is missed.
-            let queue = self.queue.clone();
+            let queue = self.shared.queue.clone();
             let changed = queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -645,21 +721,19 @@ impl DeliveryStream for MemoryStream {
 
 impl Drop for MemoryStream {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
-        self.queue.update(|q| q.remove_member(self.id));
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.queue.update(|q| q.remove_member(self.id));
     }
 }
 
 struct MemoryAcker {
-    broker: Weak<Inner>,
-    queue: Arc<GroupQueue>,
+    shared: Arc<StreamShared>,
     tag: u64,
-    closed: Arc<AtomicBool>,
 }
 
 impl MemoryAcker {
     fn check_open(&self) -> Result<()> {
-        match self.closed.load(Ordering::Acquire) {
+        match self.shared.closed.load(Ordering::Acquire) {
             true => Err(BrokerError::Closed("memory subscription")),
             false => Ok(()),
         }
@@ -670,12 +744,12 @@ impl MemoryAcker {
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.check_open()?;
-        self.queue.state.update(self.tag);
+        self.shared.queue.state.update(self.tag);
         Ok(())
     }
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
         self.check_open()?;
-        self.queue.update(|q| {
+        self.shared.queue.update(|q| {
             q.release(self.tag, requeue)?;
             q.dispatch();
             Ok(())
@@ -686,7 +760,7 @@ impl Acker for MemoryAcker {
     /// puts it in this group's queue; the delivery is acked.
     async fn retry_after(self: Box<Self>, message: Message, delay: Duration) -> Result<()> {
         self.check_open()?;
-        let Some(inner) = self.broker.upgrade() else {
+        let Some(inner) = self.shared.broker.upgrade() else {
             return Err(BrokerError::Closed("memory broker"));
         };
         let broker = MemoryBroker { inner };
@@ -695,7 +769,7 @@ impl Acker for MemoryAcker {
             return Err(e);
         }
         let due = Instant::now() + Tier::for_delay(delay)?.map_or(Duration::ZERO, Tier::duration);
-        broker.schedule(Destination::Group(self.queue.clone()), message, due);
+        broker.schedule(Destination::Group(self.shared.queue.clone()), message, due);
         self.ack().await
     }
 }
