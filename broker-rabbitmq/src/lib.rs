@@ -157,6 +157,7 @@ use lapin::{Connection, ConnectionProperties};
 mod codec;
 mod logs;
 mod publish;
+mod settle;
 mod subscribe;
 mod topology;
 mod url;

@@ -11,15 +11,14 @@ use broker_core::{
     Acker, BrokerError, Delivery, DeliveryStream, Message, Received, Result, Subscription,
 };
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, short};
+use crate::settle::{Acked, FlushTimer, Settler};
 use crate::{publish, topology, Failure, Inner, BACKEND};
 
 /// How long `close` waits for the consumer to be cancelled and its channel closed.
@@ -64,6 +63,9 @@ struct Live {
     queue: String,
     /// Still at prefetch 1 (see [`open`]).
     cautious: bool,
+    /// Settles the channel's deliveries, acks coalesced.
+    settler: Arc<Settler>,
+    _flush_timer: FlushTimer,
 }
 
 async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
@@ -84,12 +86,17 @@ async fn open(inner: &Inner, sub: &Subscription) -> Result<Live, Failure> {
         Ok((queue, consumer))
     };
     match opened.await {
-        Ok((queue, consumer)) => Ok(Live {
-            channel,
-            consumer,
-            queue,
-            cautious: sub.isolate_redeliveries,
-        }),
+        Ok((queue, consumer)) => {
+            let (settler, flush_timer) = Settler::new(channel.clone(), sub.prefetch);
+            Ok(Live {
+                channel,
+                consumer,
+                queue,
+                cautious: sub.isolate_redeliveries,
+                settler,
+                _flush_timer: flush_timer,
+            })
+        }
         Err(f) => {
             // Do not leave a half-set-up channel open.
             let _ = tokio::time::timeout(
@@ -192,7 +199,7 @@ async fn pump(
                                 break f.to_string();
                             }
                         }
-                        let delivery = to_delivery(&origin, d, &closed);
+                        let delivery = to_delivery(&origin, d, &live.settler, &closed);
                         if tx.send(Ok(delivery)).is_err() {
                             return cancel(&inner, live).await;
                         }
@@ -227,6 +234,10 @@ async fn pump(
 /// Cancels the consumer and closes its channel: RabbitMQ requeues what was
 /// delivered and not acked.
 async fn cancel(inner: &Inner, live: Live) {
+    // Held-back acks first: what was handled must not come again.
+    if let Err(f) = inner.bounded("basic ack", live.settler.flush()).await {
+        tracing::debug!(error = %f, "sending held-back acks");
+    }
     let tag = live.consumer.tag();
     if let Err(f) = inner
         .bounded(
@@ -255,8 +266,14 @@ struct Origin {
     group: Arc<str>,
 }
 
-fn to_delivery(origin: &Origin, d: lapin::message::Delivery, closed: &Arc<AtomicBool>) -> Delivery {
+fn to_delivery(
+    origin: &Origin,
+    d: lapin::message::Delivery,
+    settler: &Arc<Settler>,
+    closed: &Arc<AtomicBool>,
+) -> Delivery {
     let earlier = codec::earlier_deliveries(&d.properties, d.redelivered);
+    settler.delivered(d.delivery_tag);
     let message = codec::decode(&d.properties, d.data);
     Delivery::new(
         Received {
@@ -268,7 +285,9 @@ fn to_delivery(origin: &Origin, d: lapin::message::Delivery, closed: &Arc<Atomic
             attempt: earlier.saturating_add(1),
         },
         Box::new(RabbitAcker {
-            acker: d.acker,
+            tag: d.delivery_tag,
+            settler: settler.clone(),
+            settled: false,
             timeout: origin.inner.options.operation_timeout,
             closed: closed.clone(),
             origin: origin.clone(),
@@ -318,50 +337,69 @@ impl DeliveryStream for RabbitStream {
 }
 
 struct RabbitAcker {
-    acker: lapin::Acker,
+    tag: u64,
+    settler: Arc<Settler>,
+    /// Set once acked or nacked: dropping it unsettled returns it to the queue.
+    settled: bool,
     timeout: Duration,
     closed: Arc<AtomicBool>,
     origin: Origin,
 }
 
+impl Drop for RabbitAcker {
+    fn drop(&mut self) {
+        if !self.settled && !self.closed.load(Ordering::Acquire) {
+            self.settler.abandon(self.tag);
+        }
+    }
+}
+
 impl RabbitAcker {
-    async fn settle(
-        &self,
-        operation: &'static str,
-        done: impl std::future::Future<Output = lapin::Result<bool>>,
-    ) -> Result<()> {
+    /// Fails when the delivery can no longer be settled; marks it settled.
+    fn settling(&mut self) -> Result<()> {
+        self.settled = true;
         if self.closed.load(Ordering::Acquire) {
             // Its channel is closed or closing: RabbitMQ requeues it.
             return Err(BrokerError::Closed("rabbitmq subscription"));
         }
-        let done = tokio::time::timeout(self.timeout, done)
-            .await
-            .map_err(|_| BrokerError::Timeout {
+        if !self.settler.usable() {
+            // The channel it came on is gone; RabbitMQ redelivers it.
+            return Err(BrokerError::Closed("rabbitmq channel of this delivery"));
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        done: impl std::future::Future<Output = lapin::Result<()>>,
+    ) -> Result<()> {
+        match tokio::time::timeout(self.timeout, done).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::backend(BACKEND, e.to_string())),
+            Err(_) => Err(BrokerError::Timeout {
                 operation,
                 after: self.timeout,
-            })?;
-        match done {
-            Ok(true) => Ok(()),
-            // Poisoned: the channel it came on is gone; RabbitMQ redelivers it.
-            Ok(false) => Err(BrokerError::Closed("rabbitmq channel of this delivery")),
-            Err(e) => Err(BrokerError::backend(BACKEND, e.to_string())),
+            }),
         }
     }
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle("ack", self.acker.ack(BasicAckOptions::default()))
-            .await
+    /// Held back and sent with a multiple ack (see [`crate::settle`]).
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settling()?;
+        match self.settler.ack(self.tag) {
+            Acked::Held => Ok(()),
+            Acked::Flush => self.send("ack", self.settler.flush()).await,
+        }
     }
 
-    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
-        let options = BasicNackOptions {
-            requeue,
-            ..Default::default()
-        };
-        self.settle("nack", self.acker.nack(options)).await
+    async fn nack(mut self: Box<Self>, requeue: bool) -> Result<()> {
+        self.settling()?;
+        self.send("nack", self.settler.nack(self.tag, requeue))
+            .await
     }
 
     /// Publishes the copy, with a confirm, to the group's delay queue of
