@@ -365,7 +365,7 @@ impl Runtime {
         mut stream: Box<dyn DeliveryStream>,
         lanes: usize,
         prefetch: usize,
-        mut stop: StopSignal,
+        stop: StopSignal,
     ) -> Result<()> {
         let mut workers = JoinSet::new();
         // Each lane queues its share of the prefetch: the dispatcher hands
@@ -382,11 +382,16 @@ impl Runtime {
             .collect();
 
         let mut next_unkeyed = 0usize;
+        // One future for the whole loop: making a new one per message cost
+        // more than taking the message.
+        let mut stop_watch = stop.clone();
+        let stopped = stop_requested(&mut stop_watch);
+        tokio::pin!(stopped);
         let outcome = loop {
             // `next` is cancel-safe by the DeliveryStream contract.
             let delivery = tokio::select! {
                 biased;
-                _ = stop_requested(&mut stop) => break Ok(()),
+                _ = &mut stopped => break Ok(()),
                 d = stream.next() => d,
             };
             let delivery = match delivery {
@@ -414,7 +419,7 @@ impl Runtime {
                 futures::future::select_all(candidates.map(|lane| Box::pin(lane.reserve())));
             tokio::select! {
                 biased;
-                _ = stop_requested(&mut stop) => {
+                _ = &mut stopped => {
                     settle(delivery.nack(true), "nack").await;
                     break Ok(());
                 }
@@ -529,9 +534,9 @@ impl Runtime {
             let error = match failed.take() {
                 Some(e) => e,
                 None => {
-                    let started = std::time::Instant::now();
+                    let started = self.instruments.clock();
                     let outcome = call_handler(&*self.handler, received.clone()).await;
-                    self.instruments.attempt(started.elapsed(), outcome.is_ok());
+                    self.instruments.attempt_since(started, outcome.is_ok());
                     match outcome {
                         Ok(()) => {
                             self.metrics.add_handled();

@@ -234,6 +234,23 @@ impl ConsumerInstruments {
         self.dead_lettered.increment(1);
     }
 
+    /// The start of a handler attempt, for [`Self::attempt_since`]: the
+    /// clock is read only where the duration is recorded.
+    pub(crate) fn clock(&self) -> Option<std::time::Instant> {
+        #[cfg(feature = "metrics")]
+        return Some(std::time::Instant::now());
+        #[cfg(not(feature = "metrics"))]
+        None
+    }
+
+    /// Records how long one handler attempt took since `started` (from
+    /// [`Self::clock`]).
+    pub(crate) fn attempt_since(&self, started: Option<std::time::Instant>, ok: bool) {
+        if let Some(started) = started {
+            self.attempt(started.elapsed(), ok);
+        }
+    }
+
     /// Records how long one handler attempt took.
     pub(crate) fn attempt(&self, took: std::time::Duration, ok: bool) {
         #[cfg(feature = "metrics")]
