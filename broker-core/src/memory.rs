@@ -387,6 +387,12 @@ impl MemoryBroker {
         if !topics.contains_key(topic) {
             return check_outgoing(topic, message, max);
         }
+        self.check_size(message)
+    }
+
+    /// The size part of [`check_outgoing`].
+    fn check_size(&self, message: &Message) -> Result<()> {
+        let max = self.inner.max_message_bytes;
         match message.encoded_len() {
             size if size > max => Err(BrokerError::MessageTooLarge { size, max }),
             _ => Ok(()),
@@ -399,6 +405,10 @@ impl MemoryBroker {
             topics.insert(topic.to_owned(), Topic::default());
         }
         let t = topics.get_mut(topic).expect("just ensured");
+        self.append_to(t, message);
+    }
+
+    fn append_to(&self, t: &mut Topic, message: Message) {
         for queue in t.groups.values() {
             queue.update(|q| {
                 q.push(message.clone());
@@ -498,11 +508,16 @@ impl Hasher for FastHash {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
+        let mut words = bytes.chunks_exact(8);
+        for word in words.by_ref() {
+            self.add(u64::from_le_bytes(word.try_into().expect("8 bytes")));
         }
+        for &byte in words.remainder() {
+            self.add(u64::from(byte));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
     }
     fn write_u64(&mut self, n: u64) {
         self.add(n);
@@ -520,7 +535,13 @@ impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         self.check_open()?;
         let mut topics = self.topics();
-        self.check(&topics, topic, &message)?;
+        // One look-up of a known topic per publish.
+        if let Some(t) = topics.get_mut(topic) {
+            self.check_size(&message)?;
+            self.append_to(t, message);
+            return Ok(());
+        }
+        check_outgoing(topic, &message, self.inner.max_message_bytes)?;
         self.append(&mut topics, topic, message);
         Ok(())
     }
