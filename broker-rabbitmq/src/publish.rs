@@ -2,7 +2,8 @@
 //!
 //! Sends are serialised (lapin numbers a publish and queues its frames in two
 //! steps, so two tasks publishing at once could otherwise get each other's
-//! confirms); confirms are awaited concurrently. A publish not confirmed
+//! confirms); each publishing future then awaits its own confirm, so many
+//! are awaited at once without a task in between. A publish not confirmed
 //! because the channel or connection went away is sent again on a new one.
 //!
 //! Before sending to a topic, [`prepare`] makes sure the topic's required
@@ -24,12 +25,10 @@ use std::time::{Duration, Instant};
 use broker_core::delay::Tier;
 use broker_core::message::check_outgoing;
 use broker_core::{batch_result, BrokerError, Message, Result};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use tokio::sync::{mpsc, oneshot, Mutex, RwLock};
+use tokio::sync::{Mutex, RwLock};
 use tracing::Instrument;
 
 use crate::codec::{self, short};
@@ -82,19 +81,35 @@ struct TopicRoutes {
 #[derive(Clone)]
 struct ConfirmChannel {
     channel: Channel,
-    confirms: mpsc::UnboundedSender<Pending>,
     generation: u64,
 }
 
-/// A sent message waiting for its confirm, for the collector task.
-struct Pending {
-    confirm: PublisherConfirm,
-    reply: oneshot::Sender<lapin::Result<Outcome>>,
+/// A confirm awaited by the publishing future. If that future is dropped
+/// first (the caller gave up), a task awaits it instead: lapin keeps a
+/// dropped, unresolved confirm until `wait_for_confirms`, which nothing here
+/// calls.
+struct Awaited(Option<PublisherConfirm>);
+
+impl Awaited {
+    async fn confirmation(&mut self) -> lapin::Result<Confirmation> {
+        let Some(confirm) = self.0.as_mut() else {
+            return Err(lapin::ErrorKind::FutureCompleted.into());
+        };
+        let confirmation = confirm.await;
+        self.0 = None;
+        confirmation
+    }
 }
 
-enum Outcome {
-    Ack,
-    Nack,
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        if let (Some(confirm), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = confirm.await;
+            });
+        }
+    }
 }
 
 impl PublisherState {
@@ -546,11 +561,8 @@ async fn confirm_channel(inner: &Inner) -> Result<ConfirmChannel, Failure> {
         )
         .await?;
     topology::declare_exchange(inner, &channel).await?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(collect(rx));
     let ch = ConfirmChannel {
         channel,
-        confirms: tx,
         generation: inner.publisher.generation.fetch_add(1, Ordering::Relaxed) + 1,
     };
     *slot = Some(ch.clone());
@@ -593,29 +605,19 @@ async fn send<'a>(
             Poll::Ready(r) => r.map_err(|e| crate::classify("publish", e))?,
             Poll::Pending => inner.bounded("publish", publishing).await?,
         };
-        let (reply, confirmed) = oneshot::channel();
-        let pending = Pending { confirm, reply };
-        if ch.confirms.send(pending).is_err() {
-            return Err(Failure::Lost(BrokerError::backend(
-                BACKEND,
-                "confirm channel closed",
-            )));
-        }
+        let mut confirm = Awaited(Some(confirm));
         let after = inner.options.confirm_timeout;
-        match tokio::time::timeout(after, confirmed).await {
+        match tokio::time::timeout(after, confirm.confirmation()).await {
             Err(_) => Err(Failure::Final(BrokerError::Timeout {
                 operation: "publisher confirm",
                 after,
             })),
-            Ok(Err(_)) => Err(Failure::Lost(BrokerError::backend(
-                BACKEND,
-                "confirm channel closed",
-            ))),
             // Any error of a sent message means its channel is gone: send
             // again, unless the broker refused this message for good.
-            Ok(Ok(Err(e))) => Err(refusal(inner, message, e)),
-            Ok(Ok(Ok(Outcome::Ack))) => Ok(()),
-            Ok(Ok(Ok(Outcome::Nack))) => Err(Failure::Final(BrokerError::Rejected {
+            Ok(Err(e)) => Err(refusal(inner, message, e)),
+            // Nothing is published with `mandatory`, so nothing comes back.
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(Failure::Final(BrokerError::Rejected {
                 backend: BACKEND,
                 reason: "the broker nacked the publish".into(),
             })),
@@ -663,29 +665,6 @@ fn size_limit(e: &lapin::Error) -> Option<usize> {
     max.trim_end_matches(|c: char| !c.is_ascii_digit())
         .parse()
         .ok()
-}
-
-/// Resolves the confirms of one channel as they come.
-async fn collect(mut incoming: mpsc::UnboundedReceiver<Pending>) {
-    let mut waiting = FuturesUnordered::new();
-    let mut open = true;
-    while open || !waiting.is_empty() {
-        tokio::select! {
-            p = incoming.recv(), if open => match p {
-                Some(p) => waiting.push(async move {
-                    let Pending { confirm, reply } = p;
-                    let outcome = confirm.await.map(|confirmation| match confirmation {
-                        // Nothing is published with `mandatory`, so nothing comes back.
-                        Confirmation::Ack(_) | Confirmation::NotRequested => Outcome::Ack,
-                        Confirmation::Nack(_) => Outcome::Nack,
-                    });
-                    let _ = reply.send(outcome);
-                }),
-                None => open = false,
-            },
-            Some(()) = waiting.next(), if !waiting.is_empty() => {}
-        }
-    }
 }
 
 /// Waits for publishes in flight, then refuses new ones and closes the channel.
