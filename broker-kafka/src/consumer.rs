@@ -35,7 +35,6 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -123,9 +122,10 @@ struct Record {
     attempt: u32,
 }
 
-/// A record waiting in the buffer.
+/// A record waiting in the buffer, decoded by the driver when it was
+/// polled: owned data only, so nothing borrows the client.
 struct Buffered {
-    content: Content,
+    message: Message,
     partition: i32,
     offset: i64,
     /// Handed out before, and given back with `nack(requeue)`.
@@ -137,51 +137,22 @@ struct Buffered {
     store: Option<i64>,
 }
 
-enum Content {
-    /// As librdkafka returned it: decoding (header parsing above all) is
-    /// left to the stream, on the application's task, so the driver only
-    /// moves records and keeps up with librdkafka.
-    Fetched(Fetched),
-    /// Given back with `nack(requeue)`.
-    Decoded(Message),
-}
+/// The consumer's client, shared by the driver and the stream.
+type ClientHandle = Arc<GroupConsumer>;
 
-/// A librdkafka message. It borrows the consumer's client, which must
-/// outlive it: fetched records are kept only in the buffer, and only the
-/// driver and the stream hold the client, through [`ClientHandle`]s.
-type Fetched = BorrowedMessage<'static>;
-
-/// A handle of the consumer's client. When one goes, the fetched records
-/// still buffered go first, so whichever handle is the last, no record
-/// outlives the client. The stream's handle also keeps the client alive
-/// while it decodes a record it popped.
-struct ClientHandle {
-    shared: Arc<Shared>,
-    consumer: Arc<GroupConsumer>,
-}
-
-impl std::ops::Deref for ClientHandle {
-    type Target = GroupConsumer;
-    fn deref(&self) -> &GroupConsumer {
-        &self.consumer
-    }
-}
-
-impl Drop for ClientHandle {
-    fn drop(&mut self) {
-        self.shared
-            .lock()
-            .buffer
-            .retain(|b| matches!(b.content, Content::Decoded(_)));
-    }
+/// A record polled and decoded, not yet in the buffer.
+struct Polled {
+    message: Message,
+    partition: i32,
+    offset: i64,
 }
 
 impl Buffered {
-    fn fetched(record: Fetched, token: Token) -> Self {
+    fn polled(record: Polled, token: Token) -> Self {
         Buffered {
-            partition: record.partition(),
-            offset: record.offset(),
-            content: Content::Fetched(record),
+            message: record.message,
+            partition: record.partition,
+            offset: record.offset,
             redelivered: false,
             token,
             attempt: None,
@@ -189,13 +160,9 @@ impl Buffered {
         }
     }
 
-    fn decode(self) -> (Record, bool, Token) {
-        let message = match self.content {
-            Content::Fetched(record) => decode(&record),
-            Content::Decoded(message) => message,
-        };
+    fn into_record(self) -> (Record, bool, Token) {
         let record = Record {
-            message,
+            message: self.message,
             partition: self.partition,
             offset: self.offset,
             attempt: self.attempt.unwrap_or(1),
@@ -502,23 +469,18 @@ pub(crate) async fn open(
         .subscribe(&[&subscription.topic])
         .map_err(|e| BrokerError::backend("kafka", e))?;
     let consumer = Arc::new(consumer);
-    let handle = || ClientHandle {
-        shared: shared.clone(),
-        consumer: consumer.clone(),
-    };
     let (stop_tx, stop_rx) = oneshot::channel();
     let driver = tokio::spawn(drive(
-        handle(),
+        consumer.clone(),
         shared.clone(),
         counts.clone(),
         prefetch,
         options.clone(),
         stop_rx,
     ));
-    let stream_handle = handle();
     let stream = KafkaStream {
         shared,
-        consumer: Some(stream_handle),
+        consumer: Some(consumer),
         counts: Some(counts),
         stop: Some(stop_tx),
         driver: Some(driver),
@@ -596,8 +558,8 @@ async fn drive(
             record = records.next(), if !full || paused => {
                 // Take what librdkafka already holds, up to the bound (one
                 // record when paused: it comes from a partition assigned
-                // since), handing records over a chunk at a time; the stream
-                // decodes them.
+                // since), decoding each at once (owned copies: the record
+                // borrows the client) and handing them over a chunk at a time.
                 let mut room = if full { 1 } else { prefetch - pending };
                 let mut chunk = Vec::with_capacity(CHUNK.min(room));
                 let mut next = Some(record);
@@ -606,10 +568,11 @@ async fn drive(
                         Ok(record) => {
                             last_error = None;
                             if record.topic() == &*shared.topic {
-                                // SAFETY: see `Fetched`: the record goes to
-                                // the buffer, emptied of fetched records
-                                // before the last handle of the client goes.
-                                chunk.push(unsafe { std::mem::transmute::<BorrowedMessage<'_>, Fetched>(record) });
+                                chunk.push(Polled {
+                                    message: decode(&record),
+                                    partition: record.partition(),
+                                    offset: record.offset(),
+                                });
                                 room -= 1;
                             }
                             if chunk.len() == CHUNK {
@@ -702,7 +665,7 @@ pub(crate) async fn close_within(
 /// Moves fetched records into the stream's buffer (counted unfinished from
 /// now on) and wakes the stream if it may be waiting: only when the buffer
 /// was empty, since otherwise it has work already.
-fn hand_over(shared: &Shared, chunk: &mut Vec<Fetched>) {
+fn hand_over(shared: &Shared, chunk: &mut Vec<Polled>) {
     if chunk.is_empty() {
         return;
     }
@@ -710,8 +673,8 @@ fn hand_over(shared: &Shared, chunk: &mut Vec<Fetched>) {
         let mut state = shared.lock();
         let was_empty = state.buffer.is_empty();
         for record in chunk.drain(..) {
-            let token = state.tracker.received(record.partition(), record.offset());
-            state.buffer.push_back(Buffered::fetched(record, token));
+            let token = state.tracker.received(record.partition, record.offset);
+            state.buffer.push_back(Buffered::polled(record, token));
         }
         was_empty
     };
@@ -793,8 +756,7 @@ fn send_commits(consumer: &GroupConsumer, shared: &Shared, commits: Vec<(i32, i6
 /// The stream handed to the application.
 struct KafkaStream {
     shared: Arc<Shared>,
-    /// Keeps the client alive while `next` decodes a popped record (the
-    /// driver may let its handle go meanwhile); released on a blocking
+    /// Sends the commits of a recovering partition; released on a blocking
     /// thread, as the last handle's drop closes the consumer.
     consumer: Option<ClientHandle>,
     /// The delivery counts' client (released with the consumer's handle).
@@ -815,7 +777,7 @@ impl DeliveryStream for KafkaStream {
             let notified = self.shared.ready.notified();
             let step = self.shared.lock().next_step(commit);
             match step {
-                // Decoded outside the lock: the driver and ackers need it.
+                // Built outside the lock: the driver and ackers need it.
                 Step::Deliver(b) => return Some(Ok(self.delivery(b))),
                 Step::Failed(e) => return Some(Err(e)),
                 Step::Finished => return None,
@@ -870,7 +832,7 @@ impl Drop for KafkaStream {
 
 impl KafkaStream {
     fn delivery(&self, b: Buffered) -> Delivery {
-        let (record, redelivered, token) = b.decode();
+        let (record, redelivered, token) = b.into_record();
         let received = Received {
             message: record.message.clone(),
             topic: self.shared.topic.clone(),
@@ -996,7 +958,7 @@ impl Acker for KafkaAcker {
             .position(|b| b.partition == partition && b.offset > offset)
             .unwrap_or(0);
         let requeued = Buffered {
-            content: Content::Decoded(self.record.message),
+            message: self.record.message,
             partition,
             offset,
             redelivered: true,

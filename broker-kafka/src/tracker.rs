@@ -11,7 +11,7 @@
 //! Pure logic, no broker: the consumer driver feeds it and acts on what it
 //! returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Identifies one hand-out of an offset. A redelivery of the same offset
 /// gets a new token, so a late ack of a superseded hand-out is ignored.
@@ -27,8 +27,12 @@ enum Slot {
 
 #[derive(Debug, Default)]
 struct Partition {
-    /// Offsets received and not yet below `position`.
-    slots: BTreeMap<i64, Slot>,
+    /// Offsets received and not yet below `position`, ascending. A ring,
+    /// not a map: offsets arrive in order, so receiving appends and
+    /// finishing pops the front (this runs per record under the lock).
+    slots: VecDeque<(i64, Slot)>,
+    /// `Pending` entries of `slots`.
+    pending: usize,
     /// Next offset to consume after everything finished: what to commit.
     position: Option<i64>,
     /// The position last sent to the broker (optimistically).
@@ -38,14 +42,39 @@ struct Partition {
 impl Partition {
     /// Moves `position` over the finished prefix of `slots`.
     fn advance(&mut self) {
-        while let Some(entry) = self.slots.first_entry() {
-            if *entry.get() != Slot::Done {
-                break;
-            }
-            let offset = *entry.key();
-            entry.remove();
+        while let Some(&(offset, Slot::Done)) = self.slots.front() {
+            self.slots.pop_front();
             self.position = Some(self.position.map_or(offset + 1, |p| p.max(offset + 1)));
         }
+    }
+
+    /// The slot of `offset`, if received.
+    fn slot_mut(&mut self, offset: i64) -> Option<&mut Slot> {
+        let at = self.slots.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        self.slots.get_mut(at).map(|(_, slot)| slot)
+    }
+
+    /// Makes `offset` pending with `token`; true if it was not pending.
+    fn receive(&mut self, offset: i64, token: Token) -> bool {
+        let pending = Slot::Pending(token);
+        let at = match self.slots.back() {
+            Some(&(last, _)) if last >= offset => {
+                match self.slots.binary_search_by_key(&offset, |&(o, _)| o) {
+                    // Received again (after a rewind).
+                    Ok(at) => {
+                        let was = std::mem::replace(&mut self.slots[at].1, pending);
+                        let new = was == Slot::Done;
+                        self.pending += usize::from(new);
+                        return new;
+                    }
+                    Err(at) => at,
+                }
+            }
+            _ => self.slots.len(),
+        };
+        self.slots.insert(at, (offset, pending));
+        self.pending += 1;
+        true
     }
 
     fn uncommitted(&self) -> Option<i64> {
@@ -75,7 +104,7 @@ impl OffsetTracker {
     /// resumes it from its committed offset).
     pub(crate) fn assign(&mut self, partition: i32) {
         if let Some(old) = self.partitions.insert(partition, Partition::default()) {
-            self.pending -= count_pending(&old);
+            self.pending -= old.pending;
         }
     }
 
@@ -84,7 +113,7 @@ impl OffsetTracker {
     /// offsets are ignored; the new owner re-reads them from that position.
     pub(crate) fn revoke(&mut self, partition: i32) -> Option<i64> {
         let old = self.partitions.remove(&partition)?;
-        self.pending -= count_pending(&old);
+        self.pending -= old.pending;
         if self.closed {
             return None;
         }
@@ -96,9 +125,8 @@ impl OffsetTracker {
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> Token {
         let token = self.new_token();
         let p = self.partitions.entry(partition).or_default();
-        match p.slots.insert(offset, Slot::Pending(token)) {
-            Some(Slot::Pending(_)) => {}
-            _ => self.pending += 1,
+        if p.receive(offset, token) {
+            self.pending += 1;
         }
         token
     }
@@ -112,9 +140,10 @@ impl OffsetTracker {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return false;
         };
-        match p.slots.get_mut(&offset) {
+        match p.slot_mut(offset) {
             Some(slot) if *slot == Slot::Pending(token) => {
                 *slot = Slot::Done;
+                p.pending -= 1;
                 self.pending -= 1;
                 p.advance();
                 true
@@ -131,11 +160,7 @@ impl OffsetTracker {
             return None;
         }
         let new = self.next_token;
-        let slot = self
-            .partitions
-            .get_mut(&partition)?
-            .slots
-            .get_mut(&offset)?;
+        let slot = self.partitions.get_mut(&partition)?.slot_mut(offset)?;
         if *slot != Slot::Pending(token) {
             return None;
         }
@@ -151,15 +176,15 @@ impl OffsetTracker {
 
     /// Offsets of `partition` received and not yet acked.
     pub(crate) fn pending_in(&self, partition: i32) -> usize {
-        self.partitions.get(&partition).map_or(0, count_pending)
+        self.partitions.get(&partition).map_or(0, |p| p.pending)
     }
 
     /// The highest offset of `partition` received since it was assigned.
     pub(crate) fn last_received(&self, partition: i32) -> Option<i64> {
         let p = self.partitions.get(&partition)?;
         p.slots
-            .last_key_value()
-            .map(|(&offset, _)| offset)
+            .back()
+            .map(|&(offset, _)| offset)
             .or(p.position.map(|next| next - 1))
     }
 
@@ -204,13 +229,6 @@ impl OffsetTracker {
         self.next_token += 1;
         self.next_token
     }
-}
-
-fn count_pending(p: &Partition) -> usize {
-    p.slots
-        .values()
-        .filter(|s| matches!(s, Slot::Pending(_)))
-        .count()
 }
 
 #[cfg(test)]
@@ -273,6 +291,29 @@ mod tests {
         assert_eq!(t.take_commits(), vec![(2, 10)]);
         assert!(t.ack(2, 20, tok[2]));
         assert_eq!(t.take_commits(), vec![(2, 21)]);
+    }
+
+    #[test]
+    fn rewound_offsets_keep_their_order() {
+        // A rewind (seek, re-fetch) receives offsets again or out of order.
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 0, [3, 6, 4]);
+        assert_eq!(t.pending_in(0), 3);
+        assert_eq!(t.last_received(0), Some(6));
+        assert!(t.ack(0, 3, tok[0]));
+        assert!(t.ack(0, 4, tok[2]));
+        assert_eq!(t.take_commits(), vec![(0, 5)]);
+        // 6 again while pending: still one pending slot, the new token counts.
+        let again = t.received(0, 6);
+        assert_eq!((t.pending(), t.pending_in(0)), (1, 1));
+        assert!(!t.ack(0, 6, tok[1]));
+        // 5 again below it, finished out of order.
+        let five = t.received(0, 5);
+        assert!(t.ack(0, 6, again));
+        assert_eq!(t.take_commits(), vec![]);
+        assert!(t.ack(0, 5, five));
+        assert_eq!(t.take_commits(), vec![(0, 7)]);
+        assert_eq!(t.pending(), 0);
     }
 
     #[test]
