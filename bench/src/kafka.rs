@@ -248,3 +248,67 @@ pub async fn consume_stream(p: &Params) -> Outcome {
     stream.close().await.expect("close");
     arrivals.wait(Duration::from_secs(10)).await
 }
+
+/// Raw rdkafka at the fixed rate of [`crate::latency`]: `FutureProducer`
+/// sends, a `StreamConsumer` loop (offsets stored, committed every 200 ms)
+/// takes the time on receipt.
+pub async fn latency_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "latency-raw").await;
+    let group = format!("bench-latency-raw-{}", uuid::Uuid::new_v4().simple());
+    let consumer: StreamConsumer = b.consumer_client_config(&group).create().expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let probe = crate::latency::Probe::new(p);
+    let reader = tokio::spawn({
+        let (probe, n) = (probe.clone(), p.n);
+        async move {
+            let mut last_commit = std::time::Instant::now();
+            // The warm-up message, then the run.
+            for _ in 0..=n {
+                let m = consumer.recv().await.expect("message");
+                probe.saw(rdkafka::Message::payload(&m).unwrap_or_default());
+                consumer
+                    .store_offset_from_message(&m)
+                    .expect("store offset");
+                if last_commit.elapsed() >= Duration::from_millis(200) {
+                    consumer
+                        .commit_consumer_state(CommitMode::Async)
+                        .expect("commit");
+                    last_commit = std::time::Instant::now();
+                }
+            }
+        }
+    });
+    let producer = raw_producer(&b);
+    let send = |producer: FutureProducer, topic: String, payload: bytes::Bytes| async move {
+        let record = FutureRecord::<str, [u8]>::to(&topic).payload(&payload[..]);
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        delivery.await.expect("delivered").expect("delivery report");
+    };
+    send(
+        producer.clone(),
+        topic.clone(),
+        crate::latency::Probe::warm_up(),
+    )
+    .await;
+    probe.warmed_up().await;
+    probe
+        .paced(p.n, |payload| {
+            send(producer.clone(), topic.clone(), payload)
+        })
+        .await;
+    let outcome = probe.outcome().await;
+    reader.await.expect("reader");
+    outcome
+}
+
+/// Ours at the fixed rate of [`crate::latency`].
+pub async fn latency_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "latency-lib").await;
+    let group = format!("bench-latency-lib-{}", uuid::Uuid::new_v4().simple());
+    crate::latency::lib(p, b, &topic, &group).await
+}

@@ -19,6 +19,7 @@
 
 mod abstraction;
 mod kafka;
+mod latency;
 mod measure;
 mod memory;
 mod outbox;
@@ -116,6 +117,8 @@ const SCENARIOS: &[&str] = &[
     "kafka.io.raw",
     "kafka.io.lib",
     "kafka.io.rs",
+    "kafka.latency.raw",
+    "kafka.latency.lib",
     "rabbitmq.publish.raw",
     "rabbitmq.publish.lib",
     "rabbitmq.publish.rs",
@@ -131,8 +134,11 @@ const SCENARIOS: &[&str] = &[
     "rabbitmq.io.raw",
     "rabbitmq.io.lib",
     "rabbitmq.io.rs",
+    "rabbitmq.latency.raw",
+    "rabbitmq.latency.lib",
     "memory.publish.lib",
     "memory.publish-consume.lib-n",
+    "memory.latency.lib",
 ];
 
 async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
@@ -154,6 +160,8 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
         "kafka.io.raw" => kafka::consume_raw(p, kafka::RawWork::Io).await,
         "kafka.io.lib" => kafka::consume_lib(p, IO_CONCURRENCY, Io).await,
         "kafka.io.rs" => peer::kafka::consume(p, IO_CONCURRENCY, Io).await,
+        "kafka.latency.raw" => kafka::latency_raw(p).await,
+        "kafka.latency.lib" => kafka::latency_lib(p).await,
         "rabbitmq.publish.raw" => rabbitmq::publish_raw(p).await,
         "rabbitmq.publish.lib" => rabbitmq::publish_lib(p).await,
         "rabbitmq.publish.rs" => peer::rabbitmq::publish(p).await,
@@ -169,8 +177,11 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
         "rabbitmq.io.raw" => rabbitmq::consume_raw(p, rabbitmq::RawAck::Io).await,
         "rabbitmq.io.lib" => rabbitmq::consume_lib(p, IO_CONCURRENCY, Io).await,
         "rabbitmq.io.rs" => peer::rabbitmq::consume(p, IO_CONCURRENCY, Io).await,
+        "rabbitmq.latency.raw" => rabbitmq::latency_raw(p).await,
+        "rabbitmq.latency.lib" => rabbitmq::latency_lib(p).await,
         "memory.publish.lib" => memory::publish_alone(p).await,
         "memory.publish-consume.lib-n" => memory::end_to_end(p, lanes).await,
+        "memory.latency.lib" => memory::latency(p).await,
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -263,7 +274,9 @@ fn parse_options() -> Result<Options, String> {
 
 fn params(o: &Options, size: usize, scenario: &str) -> Params {
     Params {
-        n: if scenario.starts_with("memory.") {
+        n: if scenario.contains(".latency.") {
+            latency::latency_n(o.n)
+        } else if scenario.starts_with("memory.") {
             o.memory_n
         } else {
             o.n
@@ -458,6 +471,11 @@ const fn row(
     }
 }
 
+/// The end-to-end latency rows: their p50 / p99 is from the publish call
+/// to the handler's start, and their rate is the fixed one.
+const LATENCY_ROW: &str =
+    "end-to-end latency at 1,000 msgs/s, 1 lane (p50 / p99: publish call to handler start)";
+
 const ROWS: &[Row] = &[
     row(
         "kafka",
@@ -490,6 +508,14 @@ const ROWS: &[Row] = &[
         "kafka.io.lib",
         Some("kafka.io.rs"),
         Target::Io("kafka.consume.raw-read"),
+    ),
+    row(
+        "kafka",
+        LATENCY_ROW,
+        Some("kafka.latency.raw"),
+        "kafka.latency.lib",
+        None,
+        Target::None,
     ),
     row(
         "kafka",
@@ -557,6 +583,14 @@ const ROWS: &[Row] = &[
     ),
     row(
         "rabbitmq",
+        LATENCY_ROW,
+        Some("rabbitmq.latency.raw"),
+        "rabbitmq.latency.lib",
+        None,
+        Target::None,
+    ),
+    row(
+        "rabbitmq",
         "info: batch publish (1000)",
         Some("rabbitmq.batch.raw"),
         "rabbitmq.batch.lib",
@@ -586,6 +620,14 @@ const ROWS: &[Row] = &[
         "memory.publish-consume.lib-n",
         None,
         Target::Rate(2_000_000.0),
+    ),
+    row(
+        "memory",
+        LATENCY_ROW,
+        None,
+        "memory.latency.lib",
+        None,
+        Target::None,
     ),
     row(
         "memory",
@@ -696,8 +738,8 @@ fn verdict(row: &Row, results: &Results, size: usize) -> (String, Option<bool>) 
 fn table(o: &Options, results: &Results) -> String {
     let mut table = String::new();
     table.push_str(&format!(
-        "Machine: {}\n\nN = {} messages per scenario ({} on memory; sequential 1 ms loops: {}), median of {} runs; N lanes = {}; prefetch {}; RabbitMQ {} queues; msgs/s; latency p50 / p99 in µs (publish call to broker confirmation); peak RSS in MiB of the scenario's process. raw = the raw client's reference loop doing the same work, ours = this library, rs = ruststream 0.7.\n\n",
-        machine(), o.n, o.memory_n, kafka::sequential_n(o.n), o.runs, o.lanes, o.prefetch, o.queue_type
+        "Machine: {}\n\nN = {} messages per scenario ({} on memory; sequential 1 ms loops: {}; latency rows: {} at {} msgs/s), median of {} runs; N lanes = {}; prefetch {}; RabbitMQ {} queues; msgs/s; latency p50 / p99 in µs (publish call to broker confirmation; latency rows: publish call to handler start); peak RSS in MiB of the scenario's process. raw = the raw client's reference loop doing the same work, ours = this library, rs = ruststream 0.7.\n\n",
+        machine(), o.n, o.memory_n, kafka::sequential_n(o.n), latency::latency_n(o.n), latency::RATE, o.runs, o.lanes, o.prefetch, o.queue_type
     ));
     table.push_str("| backend | scenario | size | raw | ours | rs | ours/raw | target | met | p50 / p99 raw · ours · rs | RSS raw · ours · rs |\n");
     table.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");

@@ -85,3 +85,8 @@ pub async fn end_to_end(p: &Params, lanes: usize) -> Outcome {
         .expect("shutdown");
     outcome
 }
+
+/// Ours at the fixed rate of [`crate::latency`].
+pub async fn latency(p: &Params) -> Outcome {
+    crate::latency::lib(p, MemoryBroker::new(), "bench.memory.latency", "g").await
+}

@@ -336,3 +336,76 @@ pub async fn consume_lib(p: &Params, lanes: usize, work: Work) -> Outcome {
     abstraction::fill(p, &b, &topic, work).await;
     abstraction::consume(p, b, &topic, "bench", lanes, work).await
 }
+
+/// Raw lapin at the fixed rate of [`crate::latency`]: persistent publishes
+/// with confirms, a consumer with the same prefetch (acking `multiple`
+/// every [`ACK_EVERY`]) takes the time on receipt.
+pub async fn latency_raw(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "latency-raw").await;
+    let queue = format!("{topic}:raw");
+    let (_conn, channel) = raw_queue(p, &topic, &queue).await;
+    channel
+        .basic_qos(p.prefetch as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let probe = crate::latency::Probe::new(p);
+    let reader = tokio::spawn({
+        let (probe, n) = (probe.clone(), p.n);
+        async move {
+            // The warm-up message, then the run.
+            for i in 1..=n + 1 {
+                let delivery = consumer.next().await.expect("open").expect("delivery");
+                probe.saw(&delivery.data);
+                if i.is_multiple_of(ACK_EVERY) || i == n + 1 {
+                    delivery
+                        .ack(BasicAckOptions { multiple: true })
+                        .await
+                        .expect("ack");
+                }
+            }
+        }
+    });
+    let send = |channel: Channel, topic: String, payload: bytes::Bytes| async move {
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE.into(),
+                topic.as_str().into(),
+                PUBLISH,
+                &payload,
+                persistent(),
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+    };
+    send(
+        channel.clone(),
+        topic.clone(),
+        crate::latency::Probe::warm_up(),
+    )
+    .await;
+    probe.warmed_up().await;
+    probe
+        .paced(p.n, |payload| send(channel.clone(), topic.clone(), payload))
+        .await;
+    let outcome = probe.outcome().await;
+    reader.await.expect("reader");
+    outcome
+}
+
+/// Ours at the fixed rate of [`crate::latency`].
+pub async fn latency_lib(p: &Params) -> Outcome {
+    let b = broker(p).await;
+    let topic = topic(&b, "latency-lib").await;
+    crate::latency::lib(p, b, &topic, "bench").await
+}
