@@ -52,6 +52,17 @@ async fn warm_up_raw(producer: &FutureProducer, topic: &str) {
 
 /// Raw rdkafka: enqueue and await the delivery report, `window` in flight.
 pub async fn publish_raw(p: &Params) -> Outcome {
+    publish_raw_with(p, false).await
+}
+
+/// As [`publish_raw`], each record also carrying a fresh message id in
+/// the header ours writes (`message-id`, a UUID): the bytes ours sends.
+pub async fn publish_raw_with_id(p: &Params) -> Outcome {
+    publish_raw_with(p, true).await
+}
+
+async fn publish_raw_with(p: &Params, with_id: bool) -> Outcome {
+    use rdkafka::message::{Header, OwnedHeaders};
     let b = broker(p).await;
     let topic = topic(&b, "publish-raw").await;
     let producer = raw_producer(&b);
@@ -61,7 +72,14 @@ pub async fn publish_raw(p: &Params) -> Outcome {
         let (producer, topic, payload) = (&producer, &topic, &payload);
         async move {
             let key = p.key(i);
-            let record = FutureRecord::to(topic).payload(&payload[..]).key(&key);
+            let mut record = FutureRecord::to(topic).payload(&payload[..]).key(&key);
+            if with_id {
+                let id = uuid::Uuid::now_v7().to_string();
+                record = record.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: broker_core::message::header::MESSAGE_ID,
+                    value: Some(id.as_bytes()),
+                }));
+            }
             let delivery = producer
                 .send_result(record)
                 .map_err(|(e, _)| e)

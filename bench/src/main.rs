@@ -102,6 +102,7 @@ pub const IO_CEILING: f64 = 64_000.0;
 /// client), `lib*` (ours) or `rs*` (ruststream).
 const SCENARIOS: &[&str] = &[
     "kafka.publish.raw",
+    "kafka.publish.raw-id",
     "kafka.publish.lib",
     "kafka.publish.rs",
     "kafka.batch.raw",
@@ -145,6 +146,7 @@ async fn run_scenario(name: &str, p: &Params, lanes: usize) -> Outcome {
     use abstraction::Work::{Count, Io};
     match name {
         "kafka.publish.raw" => kafka::publish_raw(p).await,
+        "kafka.publish.raw-id" => kafka::publish_raw_with_id(p).await,
         "kafka.publish.lib" => kafka::publish_lib(p).await,
         "kafka.publish.rs" => peer::kafka::publish(p).await,
         "kafka.batch.raw" => kafka::batch_raw(p).await,
@@ -514,6 +516,14 @@ const ROWS: &[Row] = &[
         LATENCY_ROW,
         Some("kafka.latency.raw"),
         "kafka.latency.lib",
+        None,
+        Target::None,
+    ),
+    row(
+        "kafka",
+        "info: publish, against raw records that carry ours' message-id header",
+        Some("kafka.publish.raw-id"),
+        "kafka.publish.lib",
         None,
         Target::None,
     ),
