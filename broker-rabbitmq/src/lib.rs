@@ -165,6 +165,7 @@ mod url;
 pub use broker_core::config::RequiredGroups;
 pub use codec::KEY_HEADER;
 pub use logs::{LAPIN_LOG_DIRECTIVE, LOG_INTERVAL};
+pub use settle::ACK_FLUSH_AFTER;
 
 const BACKEND: &str = "rabbitmq";
 

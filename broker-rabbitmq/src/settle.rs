@@ -5,7 +5,7 @@
 //! entry): acking one delivery at a time halves what a consumer can take.
 //! A [`Settler`] tracks its channel's deliveries in delivery-tag order and
 //! acks the settled prefix in one frame when it holds half the prefetch,
-//! when nothing else on the channel is in flight, or [`FLUSH_AFTER`] after
+//! when nothing else on the channel is in flight, or [`ACK_FLUSH_AFTER`] after
 //! the first ack it holds back; closing the subscription sends what is
 //! held. A held-back ack is not lost to the broker if the channel goes
 //! first: the delivery comes again (at least once, as after any loss).
@@ -29,8 +29,9 @@ use lapin::Channel;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-/// Longest an ack is held back while other deliveries are in flight.
-pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// Longest an ack is held back while other deliveries of its channel are
+/// in flight, before it goes out with them as one multiple ack.
+pub const ACK_FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// The deliveries of one channel and the acks held back for them.
 pub(crate) struct Settler {
@@ -210,7 +211,7 @@ impl Drop for FlushTimer {
 async fn flush_when_due(settler: Weak<Settler>, held: Arc<Notify>) {
     loop {
         held.notified().await;
-        tokio::time::sleep(FLUSH_AFTER).await;
+        tokio::time::sleep(ACK_FLUSH_AFTER).await;
         let Some(settler) = settler.upgrade() else {
             return;
         };
