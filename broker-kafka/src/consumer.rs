@@ -567,14 +567,15 @@ async fn drive(
                     match record.expect("kafka message streams never end") {
                         Ok(record) => {
                             last_error = None;
-                            if record.topic() == &*shared.topic {
-                                chunk.push(Polled {
-                                    message: decode(&record),
-                                    partition: record.partition(),
-                                    offset: record.offset(),
-                                });
-                                room -= 1;
-                            }
+                            // The group subscribes to this one topic only, so
+                            // every record is ours (`topic()` would cost a
+                            // strlen and a UTF-8 check per record).
+                            chunk.push(Polled {
+                                message: decode(&record),
+                                partition: record.partition(),
+                                offset: record.offset(),
+                            });
+                            room -= 1;
                             if chunk.len() == CHUNK {
                                 hand_over(&shared, &mut chunk);
                             }
@@ -774,14 +775,15 @@ impl DeliveryStream for KafkaStream {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         let mut commit = true;
         loop {
-            let notified = self.shared.ready.notified();
+            // Waiting after the look is safe: every wake-up of `ready` is
+            // `notify_one`, which leaves a permit when no one waits yet.
             let step = self.shared.lock().next_step(commit);
             match step {
                 // Built outside the lock: the driver and ackers need it.
                 Step::Deliver(b) => return Some(Ok(self.delivery(b))),
                 Step::Failed(e) => return Some(Err(e)),
                 Step::Finished => return None,
-                Step::Wait => notified.await,
+                Step::Wait => self.shared.ready.notified().await,
                 Step::Commit(commits) => {
                     commit = false;
                     if let Some(consumer) = &self.consumer {

@@ -50,7 +50,13 @@ impl Partition {
 
     /// The slot of `offset`, if received.
     fn slot_mut(&mut self, offset: i64) -> Option<&mut Slot> {
-        let at = self.slots.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        let first = self.slots.front()?.0;
+        // Offsets are usually consecutive: then the distance is the index.
+        let guess = usize::try_from(offset - first).ok()?;
+        let at = match self.slots.get(guess) {
+            Some(&(o, _)) if o == offset => guess,
+            _ => self.slots.binary_search_by_key(&offset, |&(o, _)| o).ok()?,
+        };
         self.slots.get_mut(at).map(|(_, slot)| slot)
     }
 
