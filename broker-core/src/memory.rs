@@ -120,9 +120,7 @@ struct QueueState {
     /// Sequence number of the next message queued.
     next_seq: u64,
     /// Delivered to a member and not settled, by tag, with the member's id.
-    /// A hash map: an insert and a remove per message, the cheapest way
-    /// that stays small when one delivery is held for long.
-    unacked: HashMap<u64, (Pending, u64), BuildHasherDefault<FastHash>>,
+    unacked: Unacked,
     members: Vec<Member>,
     next_member: usize,
     next_tag: u64,
@@ -146,6 +144,94 @@ struct Member {
     full: bool,
     /// Tags pushed to this member, not yet returned by `next`.
     inbox: VecDeque<u64>,
+}
+
+/// Unsettled deliveries by tag. Tags are handed out in order and mostly
+/// settled in order, so they index a ring of slots: an insert and a remove
+/// are a push and a pop, and a million held deliveries cost one array, not
+/// a tree's nodes or a hash table's rehashes. A delivery held while many
+/// later ones are settled would keep the ring from shrinking: once the ring
+/// is mostly empty slots, its oldest entries move to a map on the side.
+#[derive(Default)]
+struct Unacked {
+    /// The tag of `slots[0]`.
+    first: u64,
+    slots: VecDeque<Option<(Pending, u64)>>,
+    /// Slots that hold a delivery.
+    live: usize,
+    /// Old deliveries moved out of the ring (tags below `first`).
+    side: HashMap<u64, (Pending, u64), BuildHasherDefault<FastHash>>,
+}
+
+impl Unacked {
+    /// Slots a ring may hold beyond twice its live ones before it sheds.
+    const SLACK: usize = 4096;
+
+    /// Adds the delivery of `tag`, the tag after the last one added.
+    fn insert(&mut self, tag: u64, entry: (Pending, u64)) {
+        if self.slots.is_empty() {
+            self.first = tag;
+        }
+        debug_assert_eq!(tag, self.first + self.slots.len() as u64);
+        self.slots.push_back(Some(entry));
+        self.live += 1;
+        if self.slots.len() > 2 * self.live + Self::SLACK {
+            self.shed();
+        }
+    }
+
+    /// Moves the oldest deliveries to the side map until the ring is at
+    /// most half empty slots.
+    fn shed(&mut self) {
+        while self.slots.len() > 2 * self.live {
+            match self.slots.pop_front() {
+                Some(Some(entry)) => {
+                    self.side.insert(self.first, entry);
+                    self.live -= 1;
+                }
+                Some(None) => {}
+                None => break,
+            }
+            self.first += 1;
+        }
+        self.trim();
+    }
+
+    /// Drops the settled slots at the front.
+    fn trim(&mut self) {
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.first += 1;
+        }
+    }
+
+    fn remove(&mut self, tag: &u64) -> Option<(Pending, u64)> {
+        let Some(at) = tag.checked_sub(self.first) else {
+            return self.side.remove(tag);
+        };
+        let entry = self.slots.get_mut(usize::try_from(at).ok()?)?.take()?;
+        self.live -= 1;
+        self.trim();
+        Some(entry)
+    }
+
+    fn get(&self, tag: u64) -> Option<&(Pending, u64)> {
+        match tag.checked_sub(self.first) {
+            None => self.side.get(&tag),
+            Some(at) => self.slots.get(usize::try_from(at).ok()?)?.as_ref(),
+        }
+    }
+
+    /// Every delivery with its tag, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (u64, &(Pending, u64))> {
+        let ring = (self.first..)
+            .zip(&self.slots)
+            .filter_map(|(tag, slot)| Some((tag, slot.as_ref()?)));
+        self.side
+            .iter()
+            .map(|(tag, entry)| (*tag, entry))
+            .chain(ring)
+    }
 }
 
 impl QueueState {
@@ -223,7 +309,7 @@ impl QueueState {
             .unacked
             .iter()
             .filter(|(_, (_, holder))| *holder == id)
-            .map(|(tag, _)| *tag)
+            .map(|(tag, _)| tag)
             .collect();
         let mut returned: Vec<Pending> = held
             .into_iter()
@@ -693,7 +779,7 @@ impl MemoryStream {
                     member
                         .inbox
                         .drain(..)
-                        .map(|tag| (tag, unacked[&tag].0.clone())),
+                        .map(|tag| (tag, unacked.get(tag).expect("pushed, unsettled").0.clone())),
                 );
             });
         }
@@ -950,4 +1036,27 @@ mod tests {
     }
 
     const MAX_WAIT: Duration = Duration::from_secs(25 * 3600);
+
+    #[test]
+    fn a_delivery_held_long_does_not_keep_the_settled_ones_after_it() {
+        let pending = || Pending {
+            message: Message::new("m"),
+            returned: 0,
+            seq: 0,
+        };
+        let mut unacked = Unacked::default();
+        for tag in 0..100_000 {
+            unacked.insert(tag, (pending(), 1));
+            if tag > 0 {
+                assert!(unacked.remove(&tag).is_some());
+            }
+        }
+        assert!(unacked.slots.len() <= 2 * Unacked::SLACK);
+        assert_eq!(unacked.iter().map(|(tag, _)| tag).collect::<Vec<_>>(), [0]);
+        assert!(unacked.get(0).is_some());
+        assert!(unacked.remove(&0).is_some());
+        assert!(unacked.remove(&0).is_none(), "settled once");
+        assert!(unacked.remove(&7).is_none(), "already settled");
+        assert_eq!(unacked.iter().count(), 0);
+    }
 }
