@@ -75,6 +75,7 @@ use crate::delivery::{Delivery, Received};
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::handler::{Handler, HandlerError};
+use crate::lanes::{key_of, Finished};
 #[cfg(doc)]
 use crate::ConsumerBuilder;
 
@@ -396,6 +397,7 @@ impl Runtime {
         self: Arc<Self>,
         mut deliveries: mpsc::Receiver<Delivery>,
         mut stop: StopSignal,
+        finished: Option<Finished>,
     ) {
         let Some(batching) = &self.batch else {
             return;
@@ -420,15 +422,22 @@ impl Runtime {
                     Ok(None) | Err(_) => break,
                 }
             }
+            let keys: Vec<Option<u64>> = match finished {
+                Some(_) => batch.iter().map(|d| key_of(d.message())).collect(),
+                None => Vec::new(),
+            };
             if stopping(&stop) {
                 // Taken but not started: hand them back untouched, in order.
                 for d in batch {
                     settle(d.nack(true), "nack").await;
                 }
-                continue;
+            } else {
+                self.handle_batch(&batching.handler, batch, stop.clone())
+                    .await;
             }
-            self.handle_batch(&batching.handler, batch, stop.clone())
-                .await;
+            if let Some(finished) = &finished {
+                keys.into_iter().for_each(|key| finished.done(key));
+            }
         }
     }
 

@@ -29,6 +29,7 @@ use crate::batch::{BatchHandler, Batching, OneAtATime};
 use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
 use crate::handler::{FailureKind, Handler, HandlerError};
+use crate::lanes::{key_of, Finished, Router};
 use crate::message::{header, millis_since_epoch, now_millis, Message};
 use crate::metrics::{ConsumerInstruments, Metrics, MetricsSnapshot};
 use crate::retry::RetryMode;
@@ -368,20 +369,29 @@ impl Runtime {
         stop: StopSignal,
     ) -> Result<()> {
         let mut workers = JoinSet::new();
-        // Each lane queues its share of the prefetch: the dispatcher hands
-        // over what the stream holds and lanes take it in runs, instead of
-        // the two trading a wake-up per message. The backend's prefetch
-        // still bounds what is held in all.
-        let queue = prefetch.div_ceil(lanes).max(1);
-        let senders: Vec<mpsc::Sender<Delivery>> = (0..lanes)
-            .map(|_| {
-                let (tx, rx) = mpsc::channel(queue);
-                workers.spawn(self.clone().lane(rx, stop.clone()));
+        // The dispatcher hands over what the stream holds and lanes take it
+        // in runs, instead of the two trading a wake-up per message. The
+        // backend's prefetch bounds what is held in all, so a lane may queue
+        // all of it: a message never waits for room behind a busy lane
+        // while others idle. With more than one lane, the router ties a key
+        // to a lane only while that lane holds messages of it (see
+        // `crate::lanes`).
+        let (mut router, finished) = match lanes {
+            1 => (None, vec![None]),
+            _ => {
+                let (router, finished) = Router::new(lanes);
+                (Some(router), finished.into_iter().map(Some).collect())
+            }
+        };
+        let senders: Vec<mpsc::Sender<Delivery>> = finished
+            .into_iter()
+            .map(|finished| {
+                let (tx, rx) = mpsc::channel(prefetch.max(1));
+                workers.spawn(self.clone().lane(rx, stop.clone(), finished));
                 tx
             })
             .collect();
 
-        let mut next_unkeyed = 0usize;
         // One future for the whole loop: making a new one per message cost
         // more than taking the message.
         let mut stop_watch = stop.clone();
@@ -402,28 +412,21 @@ impl Runtime {
                 }
                 Some(Ok(d)) => d,
             };
-            // Keyed: the key's lane, to keep order. Unkeyed: any lane with room.
-            let (first, count) = match delivery.message().key() {
-                Some(key) => (lane_of(key, lanes), 1),
-                None => {
-                    next_unkeyed = (next_unkeyed + 1) % lanes;
-                    (next_unkeyed, lanes)
-                }
+            let lane = match &mut router {
+                Some(router) => &senders[router.route(key_of(delivery.message()))],
+                None => &senders[0],
             };
-            let candidates = (0..count).map(|i| &senders[(first + i) % lanes]);
-            if let Some(permit) = candidates.clone().find_map(|lane| lane.try_reserve().ok()) {
+            if let Ok(permit) = lane.try_reserve() {
                 permit.send(delivery);
                 continue;
             }
-            let free_lane =
-                futures::future::select_all(candidates.map(|lane| Box::pin(lane.reserve())));
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
                     settle(delivery.nack(true), "nack").await;
                     break Ok(());
                 }
-                (permit, _, _) = free_lane => match permit {
+                permit = lane.reserve() => match permit {
                     Ok(permit) => permit.send(delivery),
                     Err(_) => break Err(BrokerError::Closed("consumer lane")),
                 },
@@ -448,21 +451,30 @@ impl Runtime {
         outcome.and(closed)
     }
 
-    async fn lane(self: Arc<Self>, mut deliveries: mpsc::Receiver<Delivery>, stop: StopSignal) {
+    async fn lane(
+        self: Arc<Self>,
+        mut deliveries: mpsc::Receiver<Delivery>,
+        stop: StopSignal,
+        finished: Option<Finished>,
+    ) {
         if self.batch.is_some() {
-            return self.batch_lane(deliveries, stop).await;
+            return self.batch_lane(deliveries, stop, finished).await;
         }
         while let Some(delivery) = deliveries.recv().await {
+            let key = finished.as_ref().and_then(|_| key_of(delivery.message()));
             if stopping(&stop) {
                 // Queued but not started: hand it back untouched.
                 settle(delivery.nack(true), "nack").await;
-                continue;
+            } else {
+                let (received, acker) = delivery.into_parts();
+                let span = self.handle_span(&received);
+                self.handle(received, acker, stop.clone())
+                    .instrument(span)
+                    .await;
             }
-            let (received, acker) = delivery.into_parts();
-            let span = self.handle_span(&received);
-            self.handle(received, acker, stop.clone())
-                .instrument(span)
-                .await;
+            if let Some(finished) = &finished {
+                finished.done(key);
+            }
         }
     }
 
@@ -763,13 +775,4 @@ impl std::fmt::Display for MessageId<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self.0.id(), f)
     }
-}
-
-/// The lane of `key`: FNV-1a, which is stable and, for short keys, several
-/// times cheaper than the std SipHash (this runs once per message).
-fn lane_of(key: &[u8], lanes: usize) -> usize {
-    let hash = key.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash % lanes as u64) as usize
 }

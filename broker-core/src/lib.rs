@@ -53,6 +53,7 @@ pub mod error;
 pub mod event;
 pub mod handler;
 pub mod instrument;
+mod lanes;
 pub mod memory;
 pub mod message;
 pub mod metrics;
