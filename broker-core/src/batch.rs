@@ -15,7 +15,8 @@
 //!    dead-letter path on its own (the batch handler gets it again as a
 //!    batch of one), before the lane takes its next batch.
 //!
-//! Every message of a key goes to the same lane, so same-key messages reach
+//! A message goes to the lane that holds earlier messages of its key, if
+//! any (see [`crate::consumer`]), so same-key messages reach
 //! the handler in order, and a failed message is retried or dead-lettered
 //! before the lane's next batch. (The messages after it in its own batch
 //! were decided in the same call: the handler chose to let them succeed.)

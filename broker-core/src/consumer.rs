@@ -7,8 +7,9 @@
 //! concurrency that keeps per-key order, and graceful shutdown.
 //!
 //! Concurrency: deliveries are spread over `concurrency` lanes; a lane
-//! handles one message at a time, and every message with the same key goes
-//! to the same lane, so same-key messages are handled in order (retries
+//! handles one message at a time, and a message goes to the lane that holds
+//! earlier messages of its key, if any (else to the least-loaded lane, see
+//! `crate::lanes`), so same-key messages are handled in order (retries
 //! included) while different keys run in parallel.
 //!
 //! With a [`crate::BatchHandler`] ([`ConsumerBuilder::batch_handler`]), a lane
