@@ -14,7 +14,7 @@
 //! #[derive(Default)]
 //! struct Finished(Vec<u64>);
 //! impl Apply<u64> for Finished {
-//!     fn apply(&mut self, updates: Vec<u64>) {
+//!     fn apply(&mut self, updates: std::vec::Drain<'_, u64>) {
 //!         self.0.extend(updates);
 //!     }
 //! }
@@ -29,14 +29,17 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// State that applies updates to itself.
 pub trait Apply<U> {
-    /// Applies `updates`, in the order they were made.
-    fn apply(&mut self, updates: Vec<U>);
+    /// Applies `updates`, in the order they were made (a drain of a buffer
+    /// that is used again: no allocation per update).
+    fn apply(&mut self, updates: std::vec::Drain<'_, U>);
 }
 
 /// A mutex around `S` plus the updates left for its holder.
 #[derive(Debug, Default)]
 pub struct Combining<S, U> {
-    state: Mutex<S>,
+    /// The state, and the buffer the holder applies updates from (swapped
+    /// with `left`, so neither is allocated again per update).
+    state: Mutex<(S, Vec<U>)>,
     left: Mutex<Vec<U>>,
 }
 
@@ -44,7 +47,7 @@ impl<S: Apply<U>, U> Combining<S, U> {
     /// Wraps `state`.
     pub fn new(state: S) -> Self {
         Combining {
-            state: Mutex::new(state),
+            state: Mutex::new((state, Vec::new())),
             left: Mutex::new(Vec::new()),
         }
     }
@@ -79,10 +82,11 @@ impl<S: Apply<U>, U> Combining<S, U> {
         }
     }
 
-    fn apply_left(&self, state: &mut S) {
-        let updates = std::mem::take(&mut *unpoisoned(self.left.lock()));
+    fn apply_left(&self, state: &mut (S, Vec<U>)) {
+        let (state, updates) = state;
+        std::mem::swap(&mut *unpoisoned(self.left.lock()), updates);
         if !updates.is_empty() {
-            state.apply(updates);
+            state.apply(updates.drain(..));
         }
     }
 }
@@ -96,19 +100,19 @@ fn unpoisoned<G>(result: std::sync::LockResult<G>) -> G {
 /// The locked state; on drop, the updates left meanwhile are applied.
 pub struct Guard<'a, S: Apply<U>, U> {
     owner: &'a Combining<S, U>,
-    state: Option<MutexGuard<'a, S>>,
+    state: Option<MutexGuard<'a, (S, Vec<U>)>>,
 }
 
 impl<S: Apply<U>, U> std::ops::Deref for Guard<'_, S, U> {
     type Target = S;
     fn deref(&self) -> &S {
-        self.state.as_ref().expect("held until drop")
+        &self.state.as_ref().expect("held until drop").0
     }
 }
 
 impl<S: Apply<U>, U> std::ops::DerefMut for Guard<'_, S, U> {
     fn deref_mut(&mut self) -> &mut S {
-        self.state.as_mut().expect("held until drop")
+        &mut self.state.as_mut().expect("held until drop").0
     }
 }
 
@@ -131,8 +135,8 @@ mod tests {
     #[derive(Default)]
     struct Sum(u64);
     impl Apply<u64> for Sum {
-        fn apply(&mut self, updates: Vec<u64>) {
-            self.0 += updates.iter().sum::<u64>();
+        fn apply(&mut self, updates: std::vec::Drain<'_, u64>) {
+            self.0 += updates.sum::<u64>();
         }
     }
 
@@ -167,6 +171,6 @@ mod tests {
             t.join().unwrap();
         }
         // Every updater finished: nothing may be waiting for a later lock.
-        assert_eq!(unpoisoned(state.state.lock()).0, 40_000);
+        assert_eq!(unpoisoned(state.state.lock()).0 .0, 40_000);
     }
 }

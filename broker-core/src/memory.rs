@@ -341,7 +341,7 @@ impl QueueState {
 
 impl Apply<u64> for QueueState {
     /// Acks: the holders get room again.
-    fn apply(&mut self, tags: Vec<u64>) {
+    fn apply(&mut self, tags: std::vec::Drain<'_, u64>) {
         let before = self.changes;
         for tag in tags {
             // An ack of a message its closed stream gave back is ignored.

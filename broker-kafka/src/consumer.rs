@@ -175,7 +175,7 @@ impl Buffered {
 type Acked = (i32, i64, Token);
 
 impl Apply<Acked> for State {
-    fn apply(&mut self, acks: Vec<Acked>) {
+    fn apply(&mut self, acks: std::vec::Drain<'_, Acked>) {
         for (partition, offset, token) in acks {
             if !self.tracker.ack(partition, offset, token) {
                 tracing::debug!(
