@@ -125,13 +125,15 @@ impl Settler {
         if tags.unsent.is_none() {
             return Acked::Held;
         }
+        // Armed even when this call flushes: if its caller gives up before
+        // sending, the timer still does within ACK_FLUSH_AFTER.
+        if !was_held {
+            self.held.notify_one();
+        }
         // Nothing else in flight: nobody would ack soon, and the broker
         // may be waiting for room to deliver more.
         if tags.unsent_count >= self.flush_at || tags.open.is_empty() {
             return Acked::Flush;
-        }
-        if !was_held {
-            self.held.notify_one();
         }
         Acked::Held
     }
