@@ -201,15 +201,7 @@ pub async fn consume_raw(p: &Params, work: RawWork) -> Outcome {
             }
         }
         arrivals.arrived();
-        consumer
-            .store_offset_from_message(&m)
-            .expect("store offset");
-        if last_commit.elapsed() >= Duration::from_millis(200) {
-            consumer
-                .commit_consumer_state(CommitMode::Async)
-                .expect("commit");
-            last_commit = std::time::Instant::now();
-        }
+        stored(&consumer, &m, &mut last_commit);
     }
     consumer
         .commit_consumer_state(CommitMode::Sync)
@@ -219,6 +211,22 @@ pub async fn consume_raw(p: &Params, work: RawWork) -> Outcome {
         outcome.out_of_order = Some(order.violations());
     }
     outcome
+}
+
+/// Stores `m`'s offset after handling, and commits asynchronously every
+/// 200 ms (the backend's commit interval), as the raw loops do.
+fn stored(
+    consumer: &StreamConsumer,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    last_commit: &mut std::time::Instant,
+) {
+    consumer.store_offset_from_message(m).expect("store offset");
+    if last_commit.elapsed() >= Duration::from_millis(200) {
+        consumer
+            .commit_consumer_state(CommitMode::Async)
+            .expect("commit");
+        *last_commit = std::time::Instant::now();
+    }
 }
 
 /// Key, payload and headers of `m` as owned values.
@@ -285,15 +293,7 @@ pub async fn latency_raw(p: &Params) -> Outcome {
             for _ in 0..=n {
                 let m = consumer.recv().await.expect("message");
                 probe.saw(rdkafka::Message::payload(&m).unwrap_or_default());
-                consumer
-                    .store_offset_from_message(&m)
-                    .expect("store offset");
-                if last_commit.elapsed() >= Duration::from_millis(200) {
-                    consumer
-                        .commit_consumer_state(CommitMode::Async)
-                        .expect("commit");
-                    last_commit = std::time::Instant::now();
-                }
+                stored(&consumer, &m, &mut last_commit);
             }
         }
     });

@@ -272,6 +272,23 @@ pub(crate) async fn raw_queue(p: &Params, topic: &str, queue: &str) -> (Connecti
     (conn, channel)
 }
 
+/// A raw lapin consumer of `queue` with the run's prefetch.
+async fn raw_consumer(p: &Params, channel: &Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_qos(p.prefetch as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    channel
+        .basic_consume(
+            queue.into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
 /// Raw lapin consumer with the same prefetch, acknowledging as `ack` says.
 pub async fn consume_raw(p: &Params, ack: RawAck) -> Outcome {
     let mut p = p.clone();
@@ -288,19 +305,7 @@ pub async fn consume_raw(p: &Params, ack: RawAck) -> Outcome {
         _ => Work::Count,
     };
     abstraction::fill(p, &b, &topic, fill).await;
-    channel
-        .basic_qos(p.prefetch as u16, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = raw_consumer(p, &channel, &queue).await;
     let arrivals = Arrivals::new(p.n);
     let order = KeyOrder::new(p.keys);
     let multiple = BasicAckOptions { multiple: true };
@@ -345,19 +350,7 @@ pub async fn latency_raw(p: &Params) -> Outcome {
     let topic = topic(&b, "latency-raw").await;
     let queue = format!("{topic}:raw");
     let (_conn, channel) = raw_queue(p, &topic, &queue).await;
-    channel
-        .basic_qos(p.prefetch as u16, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = raw_consumer(p, &channel, &queue).await;
     let probe = crate::latency::Probe::new(p);
     let reader = tokio::spawn({
         let (probe, n) = (probe.clone(), p.n);
