@@ -9,8 +9,9 @@
 //!   order per key, and marks them sent only after the broker confirmed.
 //!   Several relays may run at once: rows are split into lanes by key, and
 //!   one relay at a time owns a lane (a PostgreSQL advisory lock held by its
-//!   session), so a key's messages are published by one relay, in order; a
-//!   relay that dies releases its lanes to the others.
+//!   session, keyed by the outbox table and the lane), so a key's messages
+//!   are published by one relay, in order; a relay that dies releases its
+//!   lanes to the others.
 //! - [`Inbox`] runs a handler inside a database transaction that also
 //!   records the message id for its consumer group, so a redelivered message
 //!   is skipped: an exactly-once effect on the database.

@@ -13,9 +13,12 @@ use tokio::sync::watch;
 use crate::row::Row;
 use crate::{db, CHANNEL, DEFAULT_LANES};
 
-/// First key of the relays' advisory locks (the second is the lane), so
-/// they do not collide with the application's own advisory locks.
-const LOCK_CLASS: i32 = 0x0b0c_0001;
+/// The first key of a lane's advisory lock: the OID of the outbox table the
+/// session sees (its `search_path`). Advisory locks are database-wide, so a
+/// fixed key would let the relays of another schema's outbox (another
+/// application in the same database) hold this one's lanes. In `pg_locks` a
+/// lane lock shows as `classid` = the table's OID, `objid` = the lane.
+const TABLE_KEY: &str = "SELECT 'broker_outbox'::regclass::oid::int4";
 
 /// Publishes committed outbox rows to one route; see the crate docs.
 ///
@@ -150,6 +153,8 @@ impl RelayHandle {
 /// server releases the locks (a pooled connection would keep them).
 struct Session {
     conn: PgConnection,
+    /// The outbox table's lock key ([`TABLE_KEY`]).
+    table: i32,
     owned: Vec<i32>,
 }
 
@@ -161,8 +166,14 @@ async fn run(relay: Relay, mut stop: watch::Receiver<bool>, stats: Arc<RelayStat
     while !*stop.borrow() {
         let step = async {
             if session.is_none() {
+                let mut conn = relay.pool.acquire().await.map_err(db)?.detach();
+                let (table,): (i32,) = sqlx::query_as(TABLE_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(db)?;
                 session = Some(Session {
-                    conn: relay.pool.acquire().await.map_err(db)?.detach(),
+                    conn,
+                    table,
                     owned: Vec::new(),
                 });
             }
@@ -219,7 +230,7 @@ async fn claim_lanes(s: &mut Session, lanes: u32) -> Result<(), BrokerError> {
             continue;
         }
         let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOCK_CLASS)
+            .bind(s.table)
             .bind(lane)
             .fetch_one(&mut s.conn)
             .await

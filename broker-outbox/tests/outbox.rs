@@ -545,6 +545,40 @@ async fn backlog_and_cleanup() {
     relay.stop().await.unwrap();
 }
 
+/// Relays of two outbox tables in one database (two schemas, or two
+/// applications) each own all their lanes: a lane lock names its table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_two_schemas_keep_their_own_lanes() {
+    const ROWS: usize = 40;
+    let (first, second) = (pool().await, pool().await);
+    let memory = MemoryBroker::new();
+    let topic = unique("outbox-test.schemas");
+    let mut stream = memory
+        .subscribe(Subscription::new(&topic, unique("g")).with_prefetch(500))
+        .await
+        .unwrap();
+    let relays = [
+        fast(Relay::new(first.clone(), Arc::new(memory.clone()))).start(),
+        fast(Relay::new(second.clone(), Arc::new(memory.clone()))).start(),
+    ];
+    for (n, pool) in [&first, &second].into_iter().enumerate() {
+        let mut tx = pool.begin().await.unwrap();
+        for i in 0..ROWS / 2 {
+            let m = Message::new(format!("{n}-{i}")).with_key(format!("k{i}"));
+            Outbox::new().publish(&mut tx, &topic, m).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let got = receive(&mut stream, ROWS).await;
+    assert_eq!(got.len(), ROWS, "rows of both schemas published");
+    for relay in &relays {
+        assert_eq!(relay.stats().lanes(), 16, "each relay owns every lane");
+    }
+    for relay in relays {
+        relay.stop().await.unwrap();
+    }
+}
+
 macro_rules! on_every_backend {
     ($($scenario:ident),*) => {
         mod memory { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { if let Some(b) = backend("memory").await { super::$scenario(b).await } })* }
