@@ -423,7 +423,7 @@ pub(crate) async fn open(
     options: &ConsumerOptions,
     retry: Option<Retry>,
     follower: Option<Arc<Follower>>,
-) -> Result<Box<dyn DeliveryStream>> {
+) -> Result<KafkaStream> {
     let (assigned, mut assigned_rx) = watch::channel(false);
     let prefetch = subscription.prefetch.max(1);
     let room = Arc::new(Notify::new());
@@ -497,7 +497,7 @@ pub(crate) async fn open(
             );
         }
     }
-    Ok(Box::new(stream))
+    Ok(stream)
 }
 
 /// Polls the consumer until stopped: buffers records, pauses at the
@@ -755,7 +755,7 @@ fn send_commits(consumer: &GroupConsumer, shared: &Shared, commits: Vec<(i32, i6
 }
 
 /// The stream handed to the application.
-struct KafkaStream {
+pub(crate) struct KafkaStream {
     shared: Arc<Shared>,
     /// Sends the commits of a recovering partition; released on a blocking
     /// thread, as the last handle's drop closes the consumer.
@@ -777,25 +777,15 @@ impl DeliveryStream for KafkaStream {
         loop {
             // Waiting after the look is safe: every wake-up of `ready` is
             // `notify_one`, which leaves a permit when no one waits yet.
-            let step = self.shared.lock().next_step(commit);
-            match step {
-                // Built outside the lock: the driver and ackers need it.
-                Step::Deliver(b) => return Some(Ok(self.delivery(b))),
-                Step::Failed(e) => return Some(Err(e)),
-                Step::Finished => return None,
-                Step::Wait => self.shared.ready.notified().await,
-                Step::Commit(commits) => {
-                    commit = false;
-                    if let Some(consumer) = &self.consumer {
-                        send_commits(consumer, &self.shared, commits);
-                    }
-                }
-                Step::Read(partitions) => self.read_counts(partitions).await,
-                Step::Store {
+            match self.step(&mut commit) {
+                Ok(next) => return next,
+                Err(Step::Read(partitions)) => self.read_counts(partitions).await,
+                Err(Step::Store {
                     partition,
                     token,
                     value,
-                } => self.store_count(partition, token, value).await,
+                }) => self.store_count(partition, token, value).await,
+                Err(_) => self.shared.ready.notified().await,
             }
         }
     }
@@ -833,6 +823,36 @@ impl Drop for KafkaStream {
 }
 
 impl KafkaStream {
+    /// The steps of [`DeliveryStream::next`] that need no waiting: `Ok`
+    /// with its answer, or `Err` with what to await first (`Wait`, `Read`
+    /// or `Store`; dropping it is harmless, as the state keeps it).
+    /// `commit`: a recovering partition's commit is not sent yet in this
+    /// call of `next`.
+    fn step(&self, commit: &mut bool) -> std::result::Result<Option<Result<Delivery>>, Step> {
+        loop {
+            let step = self.shared.lock().next_step(*commit);
+            return match step {
+                // Built outside the lock: the driver and ackers need it.
+                Step::Deliver(b) => Ok(Some(Ok(self.delivery(b)))),
+                Step::Failed(e) => Ok(Some(Err(e))),
+                Step::Finished => Ok(None),
+                Step::Commit(commits) => {
+                    *commit = false;
+                    if let Some(consumer) = &self.consumer {
+                        send_commits(consumer, &self.shared, commits);
+                    }
+                    continue;
+                }
+                wait => Err(wait),
+            };
+        }
+    }
+
+    /// What [`DeliveryStream::next`] would return at once, if anything.
+    pub(crate) fn next_now(&self) -> Option<Option<Result<Delivery>>> {
+        self.step(&mut true).ok()
+    }
+
     fn delivery(&self, b: Buffered) -> Delivery {
         let (record, redelivered, token) = b.into_record();
         let received = Received {

@@ -57,7 +57,7 @@ use broker_core::{
 
 use crate::client_config::{client_config, config_error, Role};
 use crate::codec::decode;
-use crate::consumer::ConsumerOptions;
+use crate::consumer::{ConsumerOptions, KafkaStream};
 use crate::context::{error_limited, log_limited, LogLimiter};
 use crate::tracker::{OffsetTracker, Token};
 use crate::KafkaBroker;
@@ -499,7 +499,7 @@ pub(crate) fn open(
     subscription: &Subscription,
     retry: Retry,
     options: &ConsumerOptions,
-) -> Result<(Box<dyn DeliveryStream>, Arc<Follower>)> {
+) -> Result<(DelayStream, Arc<Follower>)> {
     let prefetch = subscription.prefetch.max(1);
     let shared = Arc::new(Shared {
         topic: subscription.topic.as_str().into(),
@@ -553,7 +553,7 @@ pub(crate) fn open(
         driver: Some(driver),
         close_timeout: options.close_timeout,
     };
-    Ok((Box::new(stream), follower))
+    Ok((stream, follower))
 }
 
 /// Polls the delay reader until stopped: keeps received records, hands
@@ -680,7 +680,7 @@ fn is_fatal(e: &KafkaError) -> bool {
 }
 
 /// The due records of one subscription.
-struct DelayStream {
+pub(crate) struct DelayStream {
     shared: Arc<Shared>,
     retry: Retry,
     stop: Option<oneshot::Sender<()>>,
@@ -694,18 +694,8 @@ impl DeliveryStream for DelayStream {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
             let notified = self.shared.ready.notified();
-            {
-                let mut state = self.shared.lock();
-                if let Some(held) = state.ready.pop_front() {
-                    drop(state);
-                    return Some(Ok(self.delivery(held)));
-                }
-                if let Some(e) = state.failure.take() {
-                    return Some(Err(e));
-                }
-                if state.finished {
-                    return None;
-                }
+            if let Some(next) = self.next_now() {
+                return next;
             }
             notified.await;
         }
@@ -738,6 +728,19 @@ impl Drop for DelayStream {
 }
 
 impl DelayStream {
+    /// What [`DeliveryStream::next`] would return at once, if anything.
+    pub(crate) fn next_now(&self) -> Option<Option<Result<Delivery>>> {
+        let mut state = self.shared.lock();
+        if let Some(held) = state.ready.pop_front() {
+            drop(state);
+            return Some(Some(Ok(self.delivery(held))));
+        }
+        if let Some(e) = state.failure.take() {
+            return Some(Some(Err(e)));
+        }
+        state.finished.then_some(None)
+    }
+
     fn delivery(&self, held: Held) -> Delivery {
         let received = Received {
             message: held.message.clone(),
@@ -852,14 +855,14 @@ impl Acker for DelayAcker {
 
 /// A subscription's deliveries: its topic's and its due delayed records.
 pub(crate) struct Merged {
-    main: Box<dyn DeliveryStream>,
-    delays: Box<dyn DeliveryStream>,
+    main: KafkaStream,
+    delays: DelayStream,
     main_done: bool,
     delays_done: bool,
 }
 
 impl Merged {
-    pub(crate) fn new(main: Box<dyn DeliveryStream>, delays: Box<dyn DeliveryStream>) -> Self {
+    pub(crate) fn new(main: KafkaStream, delays: DelayStream) -> Self {
         Merged {
             main,
             delays,
@@ -874,6 +877,23 @@ impl DeliveryStream for Merged {
     // Cancel-safe as both streams are.
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
+            // What either holds already, without making and dropping both
+            // streams' futures (and a waiter on each) per delivery. Due
+            // delayed records first: they waited their delay already.
+            if !self.delays_done {
+                match self.delays.next_now() {
+                    Some(Some(next)) => return Some(next),
+                    Some(None) => self.delays_done = true,
+                    None => {}
+                }
+            }
+            if !self.main_done {
+                match self.main.next_now() {
+                    Some(Some(next)) => return Some(next),
+                    Some(None) => self.main_done = true,
+                    None => {}
+                }
+            }
             match (self.main_done, self.delays_done) {
                 (true, true) => return None,
                 (false, true) => return self.main.next().await,
@@ -896,8 +916,9 @@ impl DeliveryStream for Merged {
     /// Closes the main consumer first: its revokes commit the delay
     /// reader's finished records.
     async fn close(self: Box<Self>) -> Result<()> {
-        let main = self.main.close().await;
-        main.and(self.delays.close().await)
+        let Merged { main, delays, .. } = *self;
+        let main = Box::new(main).close().await;
+        main.and(Box::new(delays).close().await)
     }
 }
 

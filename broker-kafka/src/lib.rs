@@ -869,7 +869,8 @@ impl Subscriber for KafkaBroker {
         };
         let options = &self.inner.options.consumer;
         let Some((delay_topic, count)) = delay_topic else {
-            return consumer::open(&self.inner.settings, subscription, options, None, None).await;
+            let stream = consumer::open(&self.inner.settings, subscription, options, None, None);
+            return Ok(Box::new(stream.await?));
         };
         let retry = delay::Retry::new(self.clone(), &subscription.topic, &subscription.group);
         // The delay reader joins no group: it follows the main consumer's
