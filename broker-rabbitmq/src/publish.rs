@@ -191,7 +191,7 @@ async fn prepare(
     let state = &inner.publisher;
     let now = Instant::now();
     if !inner.options.required_groups.of(topic).is_empty() {
-        return declare_required_groups(inner, ch, topic).await;
+        return Box::pin(declare_required_groups(inner, ch, topic)).await;
     }
     if inner.options.alternate_exchange.is_some() {
         return Ok(());
@@ -200,7 +200,7 @@ async fn prepare(
     let bound = match checked {
         Some((true, at)) if now.duration_since(at) < BOUND_FOR => true,
         Some((false, at)) if now.duration_since(at) < UNBOUND_FOR => false,
-        _ => match probe(inner, topic).await {
+        _ => match Box::pin(probe(inner, topic)).await {
             Ok(bound) => {
                 state.routes().entry(topic.to_owned()).or_default().checked =
                     Some((bound, Instant::now()));
@@ -357,7 +357,9 @@ async fn attempt(
             send(inner, &ch, &inner.options.exchange, topic, message, props).await?
         }
         Target::Delayed { topic, tier, group } => {
-            let queue = prepare_delayed(inner, &ch, topic, tier, group).await?;
+            // Boxed: delayed publishes are the rarer kind, and the future of
+            // every attempt would otherwise be as large as this one's.
+            let queue = Box::pin(prepare_delayed(inner, &ch, topic, tier, group)).await?;
             // The default exchange routes to the queue of that name.
             send(inner, &ch, "", &queue, message, props).await?
         }
@@ -377,8 +379,8 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, message: Message) -> Res
     let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
     let target = Target::Topic(topic);
     bounded_publish(inner, async {
-        let first = attempt(inner, target, &message, props.clone()).await;
-        finish(inner, target, &message, &props, first, deadline).await
+        let first = attempt(inner, target, &message, props).await;
+        finish(inner, target, &message, codec::encode, first, deadline).await
     })
     .instrument(span)
     .await
@@ -421,8 +423,16 @@ pub(crate) async fn publish_after(
     let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
     let target = Target::Delayed { topic, tier, group };
     bounded_publish(inner, async {
-        let first = attempt(inner, target, &message, props.clone()).await;
-        finish(inner, target, &message, &props, first, deadline).await
+        let first = attempt(inner, target, &message, props).await;
+        finish(
+            inner,
+            target,
+            &message,
+            codec::encode_delayed,
+            first,
+            deadline,
+        )
+        .await
     })
     .instrument(span)
     .await
@@ -458,7 +468,7 @@ pub(crate) async fn publish_batch(
     let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
     bounded_publish(
         inner,
-        send_batch(inner, topic, &messages, &encoded, deadline),
+        send_batch(inner, topic, &messages, encoded, deadline),
     )
     .await
 }
@@ -467,7 +477,7 @@ async fn send_batch(
     inner: &Inner,
     topic: &str,
     messages: &[Message],
-    encoded: &[BasicProperties],
+    encoded: Vec<BasicProperties>,
     deadline: tokio::time::Instant,
 ) -> Result<()> {
     // Everything goes on the wire in order first; then the confirms are awaited together.
@@ -481,19 +491,27 @@ async fn send_batch(
     let mut confirms = Vec::with_capacity(messages.len());
     for (m, props) in messages.iter().zip(encoded) {
         let sent = match &channel {
-            Ok(ch) => send(inner, ch, &inner.options.exchange, topic, m, props.clone()).await,
+            Ok(ch) => send(inner, ch, &inner.options.exchange, topic, m, props).await,
             Err(Failure::Final(e)) => return Err(clone_error(e)),
             Err(Failure::Lost(e)) => Err(Failure::Lost(clone_error(e))),
         };
         confirms.push(sent);
     }
-    let results = futures::future::join_all(confirms.into_iter().zip(messages).zip(encoded).map(
-        |((sent, m), props)| async move {
+    let results = futures::future::join_all(confirms.into_iter().zip(messages).map(
+        |(sent, m)| async move {
             let first = match sent {
                 Ok(confirmed) => confirmed.await,
                 Err(f) => Err(f),
             };
-            finish(inner, Target::Topic(topic), m, props, first, deadline).await
+            finish(
+                inner,
+                Target::Topic(topic),
+                m,
+                codec::encode,
+                first,
+                deadline,
+            )
+            .await
         },
     ))
     .await;
@@ -506,12 +524,14 @@ fn clone_error(e: &BrokerError) -> BrokerError {
 }
 
 /// Settles a publish after its first attempt: done, failed for good, or sent
-/// again on a fresh channel under the reconnect policy.
+/// again on a fresh channel under the reconnect policy, with properties
+/// from `encode` (as the first attempt's: made again only when needed, since
+/// nearly every publish is confirmed at the first attempt).
 async fn finish(
     inner: &Inner,
     target: Target<'_>,
     message: &Message,
-    props: &BasicProperties,
+    encode: fn(&Message) -> Result<BasicProperties>,
     first: Result<(), Failure>,
     deadline: tokio::time::Instant,
 ) -> Result<()> {
@@ -539,7 +559,9 @@ async fn finish(
         }
         tokio::time::sleep(delay).await;
         attempts += 1;
-        outcome = attempt(inner, target, message, props.clone()).await;
+        // Boxed, as the other rare paths: the future of every publish holds
+        // what it does not box, and is moved at least once.
+        outcome = Box::pin(attempt(inner, target, message, encode(message)?)).await;
     }
 }
 
@@ -552,6 +574,14 @@ async fn confirm_channel(inner: &Inner) -> Result<ConfirmChannel, Failure> {
             return Ok(ch.clone());
         }
     }
+    Box::pin(open_confirm_channel(inner, &mut slot)).await
+}
+
+/// Opens the confirm channel into `slot` (held locked by the caller).
+async fn open_confirm_channel(
+    inner: &Inner,
+    slot: &mut Option<ConfirmChannel>,
+) -> Result<ConfirmChannel, Failure> {
     *slot = None;
     let channel = inner.channel().await?;
     inner
@@ -605,19 +635,16 @@ async fn send<'a>(
             Poll::Ready(r) => r.map_err(|e| crate::classify("publish", e))?,
             Poll::Pending => inner.bounded("publish", publishing).await?,
         };
+        // No timer of its own: every caller runs inside `bounded_publish`,
+        // whose bound (the confirm timeout from the call) ends first.
         let mut confirm = Awaited(Some(confirm));
-        let after = inner.options.confirm_timeout;
-        match tokio::time::timeout(after, confirm.confirmation()).await {
-            Err(_) => Err(Failure::Final(BrokerError::Timeout {
-                operation: "publisher confirm",
-                after,
-            })),
+        match confirm.confirmation().await {
             // Any error of a sent message means its channel is gone: send
             // again, unless the broker refused this message for good.
-            Ok(Err(e)) => Err(refusal(inner, message, e)),
+            Err(e) => Err(refusal(inner, message, e)),
             // Nothing is published with `mandatory`, so nothing comes back.
-            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(Failure::Final(BrokerError::Rejected {
+            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Nack(_)) => Err(Failure::Final(BrokerError::Rejected {
                 backend: BACKEND,
                 reason: "the broker nacked the publish".into(),
             })),
