@@ -396,8 +396,8 @@ impl KafkaBroker {
         if missing.is_empty() {
             return Ok(());
         }
-        self.create_with_retry(&missing, &self.inner.options.topic_spec)
-            .await?;
+        // Boxed: every publish's future would hold this rare path's state.
+        Box::pin(self.create_with_retry(&missing, &self.inner.options.topic_spec)).await?;
         self.known().extend(missing.into_iter().map(str::to_owned));
         Ok(())
     }
@@ -560,8 +560,9 @@ impl KafkaBroker {
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(match e.rdkafka_error_code() {
+                // Boxed, as rare: see `ensure_topics`.
                 Some(code) if refusal::is_size_refusal(code) => {
-                    self.size_refusal(code, topic, message, limit).await
+                    Box::pin(self.size_refusal(code, topic, message, limit)).await
                 }
                 _ => refusal::produce_error(e, self.inner.message_timeout),
             }),
