@@ -11,10 +11,9 @@
 //! Lanes report each message they finish ([`Finished`]); the dispatcher
 //! reads the reports before routing the next delivery ([`Router::route`]).
 
-use std::collections::HashMap;
-
 use tokio::sync::mpsc;
 
+use crate::fast_hash::FastMap;
 use crate::message::Message;
 
 /// A lane finished a message (settled it, or handed it back).
@@ -46,8 +45,10 @@ impl Finished {
 pub(crate) struct Router {
     /// Messages routed to each lane and not finished.
     load: Vec<u32>,
-    /// Keys with messages in flight: their lane and how many.
-    held: HashMap<u64, (usize, u32)>,
+    /// Keys with messages in flight: their lane and how many. Looked up
+    /// for every message, so not SipHash: the map holds at most the
+    /// prefetch's worth of keys, which bounds what colliding keys can cost.
+    held: FastMap<u64, (usize, u32)>,
     reports: mpsc::UnboundedReceiver<Done>,
 }
 
@@ -63,7 +64,7 @@ impl Router {
             .collect();
         let router = Router {
             load: vec![0; lanes],
-            held: HashMap::new(),
+            held: FastMap::default(),
             reports: rx,
         };
         (router, finished)

@@ -51,6 +51,7 @@ pub mod delay;
 pub mod delivery;
 pub mod error;
 pub mod event;
+mod fast_hash;
 pub mod handler;
 pub mod instrument;
 mod lanes;

@@ -21,7 +21,6 @@
 //! [`Publisher::close`] are still delivered when due.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -34,6 +33,7 @@ use crate::combining::{Apply, Combining};
 use crate::delay::Tier;
 use crate::delivery::{Acker, Delivery, DeliveryStream, Received};
 use crate::error::{BrokerError, Result};
+use crate::fast_hash::FastMap;
 use crate::message::{check_outgoing, Message};
 use crate::topic::validate_topic;
 use crate::{Health, Publisher, Subscriber, Subscription};
@@ -58,7 +58,7 @@ pub struct MemoryBroker {
 
 /// Topics by name. Keys are names the application chose (not input an
 /// attacker picks), looked up on every publish: a cheap hash, not SipHash.
-type Topics = HashMap<String, Topic, BuildHasherDefault<FastHash>>;
+type Topics = FastMap<String, Topic>;
 
 struct Inner {
     topics: Mutex<Topics>,
@@ -160,7 +160,7 @@ struct Unacked {
     /// Slots that hold a delivery.
     live: usize,
     /// Old deliveries moved out of the ring (tags below `first`).
-    side: HashMap<u64, (Pending, u64), BuildHasherDefault<FastHash>>,
+    side: FastMap<u64, (Pending, u64)>,
 }
 
 impl Unacked {
@@ -575,38 +575,6 @@ async fn deliver_delayed(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
             }
             None => wake.notified().await,
         }
-    }
-}
-
-/// FxHash's mix (a rotate, xor and multiply per word): for topic names and
-/// delivery tags, which the application and this backend pick.
-#[derive(Default, Clone, Copy)]
-struct FastHash(u64);
-
-impl FastHash {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for FastHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in words.by_ref() {
-            self.add(u64::from_le_bytes(word.try_into().expect("8 bytes")));
-        }
-        for &byte in words.remainder() {
-            self.add(u64::from(byte));
-        }
-    }
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
     }
 }
 
