@@ -831,20 +831,19 @@ impl KafkaStream {
     fn step(&self, commit: &mut bool) -> std::result::Result<Option<Result<Delivery>>, Step> {
         loop {
             let step = self.shared.lock().next_step(*commit);
-            return match step {
+            match step {
                 // Built outside the lock: the driver and ackers need it.
-                Step::Deliver(b) => Ok(Some(Ok(self.delivery(b)))),
-                Step::Failed(e) => Ok(Some(Err(e))),
-                Step::Finished => Ok(None),
+                Step::Deliver(b) => return Ok(Some(Ok(self.delivery(b)))),
+                Step::Failed(e) => return Ok(Some(Err(e))),
+                Step::Finished => return Ok(None),
                 Step::Commit(commits) => {
                     *commit = false;
                     if let Some(consumer) = &self.consumer {
                         send_commits(consumer, &self.shared, commits);
                     }
-                    continue;
                 }
-                wait => Err(wait),
-            };
+                wait => return Err(wait),
+            }
         }
     }
 
