@@ -273,9 +273,9 @@ fn text(value: &AMQPValue) -> Option<String> {
 }
 
 /// A long string holding UTF-8 text, as `encode` writes its text headers.
-fn utf8_long_string(value: &AMQPValue) -> Option<String> {
+fn utf8_long_string(value: &AMQPValue) -> Option<&str> {
     match value {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         _ => None,
     }
 }
@@ -374,22 +374,27 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
             match name.as_str() {
                 // Ours only in the form `encode` writes: anything else is
                 // the application's header, kept as it came.
-                header::TIMESTAMP if timestamp_ms.is_none() && ours_integer(value).is_some() => {
-                    timestamp_ms = ours_integer(value)
-                }
+                // Each value is read once: the guard of a match arm cannot
+                // keep what it parsed.
+                header::TIMESTAMP if timestamp_ms.is_none() => match ours_integer(value) {
+                    Some(ms) => timestamp_ms = Some(ms),
+                    None => user.push((name.as_str(), value)),
+                },
                 KEY_HEADER => match value {
                     AMQPValue::LongString(k) => key = Some(k.as_bytes()),
                     other => user.push((name.as_str(), other)),
                 },
                 HEADER_ORDER => order = Some(value),
-                header::TRACEPARENT if utf8_long_string(value).is_some() => {
-                    traceparent = utf8_long_string(value)
-                }
+                header::TRACEPARENT => match utf8_long_string(value) {
+                    Some(text) => traceparent = Some(text),
+                    None => user.push((name.as_str(), value)),
+                },
                 n if BROKER_HEADERS.contains(&n) => {}
-                DELAYED_EXPIRATION
-                    if props.expiration().is_none() && utf8_long_string(value).is_some() =>
-                {
-                    delayed_expiration = utf8_long_string(value)
+                DELAYED_EXPIRATION if props.expiration().is_none() => {
+                    match utf8_long_string(value) {
+                        Some(text) => delayed_expiration = Some(text),
+                        None => user.push((name.as_str(), value)),
+                    }
                 }
                 // Only ours when the native property is absent (see `encode`).
                 header::MESSAGE_ID if props.message_id().is_none() => id_header = text(value),
@@ -435,7 +440,7 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
             .expiration()
             .as_ref()
             .map(|s| s.to_string())
-            .or(delayed_expiration),
+            .or(delayed_expiration.map(str::to_owned)),
         user_id: props.user_id().as_ref().map(|s| s.to_string()),
         cluster_id: props.cluster_id().as_ref().map(|s| s.to_string()),
         // Ours are always persistent: only another value is worth keeping.
@@ -568,6 +573,7 @@ mod tests {
         let mut table = FieldTable::default();
         table.insert("traceparent".into(), AMQPValue::LongInt(7));
         table.insert("timestamp-ms".into(), AMQPValue::Boolean(true));
+        table.insert(DELAYED_EXPIRATION.into(), AMQPValue::LongInt(9));
         let props = BasicProperties::default()
             .with_message_id("id-1".into())
             .with_timestamp(1_700_000_000)
@@ -582,6 +588,11 @@ mod tests {
             m.headers()["timestamp-ms"],
             HeaderValue::Amqp(AmqpValue::Bool(true))
         );
+        assert_eq!(
+            m.headers()[DELAYED_EXPIRATION],
+            HeaderValue::Amqp(AmqpValue::I32(9))
+        );
+        assert_eq!(m.amqp(), None);
         assert_eq!(m.timestamp_millis(), 1_700_000_000_000);
         let again = encode(&m).unwrap();
         let table = again.headers().clone().unwrap();
