@@ -31,7 +31,9 @@
 //! clients. A due record reaches the handler exactly as published: the
 //! delay headers are removed, the key, headers and id are kept, and it
 //! comes as a first delivery (the runtime counts a retry's attempts from
-//! its `x-retry-attempt`).
+//! its `x-retry-attempt`). That stream, the due records' own stream and
+//! their acker are in `stream`; this file holds the reader's driver and the
+//! state it shares with them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
