@@ -11,10 +11,11 @@
 //! | `KAFKA_CLIENT_ID` | client id (default: `broker-client`) |
 //! | `KAFKA_<NAME>` | any other librdkafka setting: `KAFKA_SECURITY_PROTOCOL` → `security.protocol` |
 //! | `RABBITMQ_ENABLED` | enables RabbitMQ (default: enabled iff `RABBITMQ_URL` is set) |
-//! | `RABBITMQ_URL` | `amqp://user:password@host:5672/vhost` or `amqps://...` |
+//! | `RABBITMQ_URL` | `amqp://user:password@host:5672/vhost` or `amqps://...`; for a cluster, a comma-separated list of node URLs with the same credentials and vhost |
 //! | `RABBITMQ_REQUIRED_GROUPS` | `topic=group,group;topic=group`: groups whose queues publishers declare ([`RequiredGroups`]) |
 //! | `RABBITMQ_QUEUE_EXPIRY_MS` | queues RabbitMQ deletes after this long without consumers (default: never) |
 //! | `RABBITMQ_ALTERNATE_EXCHANGE` | exchange for messages no queue is bound for (default: none) |
+//! | `RABBITMQ_NODE_ORDER` | `in-order` (default) or `shuffle`: the order a node list's nodes are tried ([`NodeOrder`]) |
 //! | `BROKER_ROUTE_<MODULE>` | `kafka`, `rabbitmq`, `memory` or `kafka+rabbitmq` |
 //!
 //! Credentials never appear in `Debug` or `Display` output of these types.
@@ -34,7 +35,7 @@ mod tests;
 pub use amqp_url::{AmqpUrl, UrlError};
 use kafka::redact_value;
 pub use kafka::{is_sensitive_key, KafkaSettings};
-pub use rabbitmq::{ParseRequiredGroupsError, RabbitMqSettings, RequiredGroups};
+pub use rabbitmq::{NodeOrder, ParseRequiredGroupsError, RabbitMqSettings, RequiredGroups};
 pub use route::{BrokerKind, ParseRouteError, Route};
 pub use secret_url::SecretUrl;
 
@@ -312,10 +313,10 @@ impl BrokerConfig {
         if let Some(rabbitmq) = &self.rabbitmq {
             rabbitmq.validate()?;
             let url = rabbitmq.url();
-            if let Err(e) = url.amqp() {
+            if let Err(e) = url.amqp_nodes() {
                 let reason = format!(
                     "`{url}` is not a URL of the form amqp://user:password@host:port/vhost \
-                     (or amqps://): {e}"
+                     (or amqps://), nor a comma-separated list of them: {e}"
                 );
                 return Err(invalid(RABBITMQ_URL, &reason));
             }

@@ -152,6 +152,10 @@ impl<P: Publisher> Publisher for Instrumented<P> {
         self.inner.backend_name()
     }
 
+    fn connected_node(&self) -> Option<String> {
+        self.inner.connected_node()
+    }
+
     async fn health(&self) -> Health {
         self.inner.health().await
     }

@@ -172,6 +172,15 @@ pub trait Publisher: Send + Sync {
         "unknown"
     }
 
+    /// The broker node this publisher's connection is on
+    /// (`host:port/vhost`, no credentials), for health reports: RabbitMQ's
+    /// one connection moves between the nodes of its node list. `None`
+    /// while not connected, and for backends without a single connection
+    /// (Kafka talks to whichever brokers lead the partitions; memory).
+    fn connected_node(&self) -> Option<String> {
+        None
+    }
+
     /// Round trip to the broker.
     async fn health(&self) -> Health;
 
@@ -269,6 +278,9 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     }
     fn backend_name(&self) -> &'static str {
         (**self).backend_name()
+    }
+    fn connected_node(&self) -> Option<String> {
+        (**self).connected_node()
     }
     async fn health(&self) -> Health {
         (**self).health().await

@@ -116,6 +116,11 @@ impl<P: Publisher, S: Publisher> Publisher for DualPublisher<P, S> {
         self.primary.backend_name()
     }
 
+    /// The primary's.
+    fn connected_node(&self) -> Option<String> {
+        self.primary.connected_node()
+    }
+
     /// The smaller of the two limits: a message must fit both.
     fn max_message_bytes(&self) -> usize {
         self.primary

@@ -152,9 +152,8 @@ use broker_core::{
     Backoff, BrokerError, DeliveryStream, Health, Message, Publisher, Result, Subscriber,
     Subscription,
 };
-use lapin::{Connection, ConnectionProperties};
-
 mod codec;
+mod connect;
 mod logs;
 mod publish;
 mod settle;
@@ -162,7 +161,7 @@ mod subscribe;
 mod topology;
 mod url;
 
-pub use broker_core::config::RequiredGroups;
+pub use broker_core::config::{NodeOrder, RequiredGroups};
 pub use codec::KEY_HEADER;
 pub use logs::{LAPIN_LOG_DIRECTIVE, LOG_INTERVAL};
 pub use settle::ACK_FLUSH_AFTER;
@@ -207,6 +206,7 @@ pub struct RabbitMqBuilder {
     exchange: String,
     queue_type: QueueType,
     reconnect: Backoff,
+    resubscribe: Backoff,
     max_message_bytes: usize,
     confirm_timeout: Duration,
     operation_timeout: Duration,
@@ -215,6 +215,7 @@ pub struct RabbitMqBuilder {
     alternate_exchange: Option<String>,
     connection_name: Option<String>,
     tls_ca_pem: Option<String>,
+    node_order: NodeOrder,
 }
 
 impl RabbitMqBuilder {
@@ -239,6 +240,21 @@ impl RabbitMqBuilder {
     /// port refuses connections or accepts and never answers.
     pub fn reconnect(mut self, policy: Backoff) -> Self {
         self.reconnect = policy;
+        self
+    }
+    /// How long a subscription that lost its connection keeps trying to
+    /// resubscribe. Default: forever (an outage of any length pauses
+    /// consumption and never ends it): rounds of connection attempts under
+    /// the [reconnect policy](RabbitMqBuilder::reconnect), with waits of
+    /// 100 ms doubling up to 5 s between them. A bounded policy (say
+    /// `Backoff::reconnect_default().within(Duration::from_secs(300))`) is
+    /// an explicit choice: once it runs out, the subscription's stream ends
+    /// with [`BrokerError::Unavailable`], its consumer stops, and the app's
+    /// health shows the consumer stopped with that error. A refusal (access
+    /// refused, a queue declared with other arguments) ends a subscription
+    /// at once, whatever the policy.
+    pub fn resubscribe(mut self, policy: Backoff) -> Self {
+        self.resubscribe = policy;
         self
     }
     /// Largest message accepted (payload, key and headers; default 16 MiB,
@@ -334,6 +350,13 @@ impl RabbitMqBuilder {
         self.tls_ca_pem = Some(pem.into());
         self
     }
+    /// The order in which the nodes of a node list are tried (default
+    /// [`NodeOrder::InOrder`]; `RABBITMQ_NODE_ORDER`). See the crate
+    /// documentation, "Clusters".
+    pub fn node_order(mut self, order: NodeOrder) -> Self {
+        self.node_order = order;
+        self
+    }
     /// Connection name shown in the management UI.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
@@ -352,7 +375,7 @@ impl RabbitMqBuilder {
 
     /// Builds the broker without connecting: the first operation connects.
     pub fn build(self) -> Result<RabbitMqBroker> {
-        let (address, uri) = url::read(&self.url)?;
+        let nodes = connect::nodes(&self.url, self.node_order)?;
         codec::short("exchange name", &self.exchange)?;
         if let Some(ae) = &self.alternate_exchange {
             codec::short("alternate exchange name", ae)?;
@@ -378,9 +401,10 @@ impl RabbitMqBuilder {
         }
         Ok(RabbitMqBroker {
             inner: Arc::new(Inner {
-                uri,
-                address,
+                nodes,
                 link: tokio::sync::Mutex::new(None),
+                next_node: Default::default(),
+                connected: Default::default(),
                 shut_down: Default::default(),
                 publisher: publish::PublisherState::default(),
                 options: self,
@@ -409,11 +433,12 @@ impl std::fmt::Debug for RabbitMqBroker {
 
 pub(crate) struct Inner {
     options: RabbitMqBuilder,
-    uri: lapin::uri::AMQPUri,
-    /// `host:port/vhost`, for errors (no credentials).
-    address: String,
-    /// The shared connection; replaced when lost.
-    link: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The nodes of the URL's node list, in the order they are tried.
+    nodes: Vec<connect::Node>,
+    /// The shared connection and its node; replaced when lost.
+    link: tokio::sync::Mutex<Option<connect::Link>>,
+    next_node: connect::NextNode,
+    connected: connect::Connected,
     /// Set by [`RabbitMqBroker::close`]: no more (re)connecting.
     shut_down: std::sync::atomic::AtomicBool,
     publisher: publish::PublisherState,
@@ -433,6 +458,7 @@ impl RabbitMqBroker {
             url: settings.url().clone(),
             exchange: "broker.events".into(),
             reconnect: Backoff::reconnect_default(),
+            resubscribe: Backoff::reconnect_default().unlimited().without_limit(),
             max_message_bytes: 16 * 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(15),
@@ -445,6 +471,7 @@ impl RabbitMqBroker {
             alternate_exchange: settings.alternate_exchange().map(str::to_owned),
             connection_name: None,
             tls_ca_pem: None,
+            node_order: settings.node_order(),
         }
     }
 
@@ -600,10 +627,11 @@ impl RabbitMqBroker {
         self.inner
             .shut_down
             .store(true, std::sync::atomic::Ordering::Release);
-        if let Some(conn) = link.take() {
+        if let Some(live) = link.take() {
+            self.inner.connected.clear();
             let closed = self
                 .inner
-                .bounded("connection close", conn.close(200, "shutdown".into()))
+                .bounded("connection close", live.conn.close(200, "shutdown".into()))
                 .await;
             if let Err(e) = closed {
                 tracing::debug!(error = %e, "closing the RabbitMQ connection");
@@ -671,109 +699,6 @@ impl Inner {
             Ok(Err(e)) => Err(classify(operation, e)),
             Err(_) => Err(Failure::Lost(BrokerError::Timeout { operation, after })),
         }
-    }
-
-    /// The live connection, connecting (with the reconnect policy) when
-    /// there is none. Concurrent callers share one reconnect.
-    pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
-        let mut link = self.link.lock().await;
-        if self.shut_down.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(BrokerError::Closed("rabbitmq broker"));
-        }
-        if let Some(conn) = link.as_ref() {
-            if conn.status().connected() {
-                return Ok(conn.clone());
-            }
-            if let Some(suppressed) = logs::allow("connection lost") {
-                tracing::warn!(url = %self.options.url, suppressed, "RabbitMQ connection lost; reconnecting");
-            }
-        }
-        *link = None;
-        let conn = Arc::new(self.connect_with_policy().await?);
-        *link = Some(conn.clone());
-        tracing::info!(url = %self.options.url, "connected to RabbitMQ");
-        Ok(conn)
-    }
-
-    /// Connects under the reconnect policy: each attempt is cut to the
-    /// policy's time left, so the whole takes at most the policy's limit;
-    /// a refusal (credentials, vhost, TLS) ends it at once. The error names
-    /// the address (`host:port/vhost`).
-    async fn connect_with_policy(&self) -> Result<Connection> {
-        let policy = &self.options.reconnect;
-        let started = tokio::time::Instant::now();
-        let mut delays = policy.delays();
-        let mut attempts = 0usize;
-        loop {
-            attempts += 1;
-            let limit = policy
-                .time_left(started)
-                .map_or(self.options.operation_timeout, |left| {
-                    left.min(self.options.operation_timeout)
-                });
-            let lost = match self.connect_once(limit).await {
-                Ok(conn) => return Ok(conn),
-                Err(Failure::Final(e)) => return Err(e),
-                Err(Failure::Lost(e)) => e,
-            };
-            let next = delays
-                .next()
-                .filter(|d| policy.time_left(started).is_none_or(|left| *d < left));
-            let Some(delay) = next else {
-                return Err(BrokerError::Unavailable {
-                    backend: BACKEND,
-                    attempts,
-                    source: format!("connect to {}: {lost}", self.address).into(),
-                });
-            };
-            if let Some(suppressed) = logs::allow(&format!("connect: {lost}")) {
-                tracing::warn!(address = %self.address, attempt = attempts, ?delay, error = %lost, suppressed, "RabbitMQ connection attempt failed; retrying");
-            }
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    async fn connect_once(&self, limit: Duration) -> Result<Connection, Failure> {
-        let mut props = ConnectionProperties::default();
-        if let Some(name) = &self.options.connection_name {
-            props = props.with_connection_name(name.clone().into());
-        }
-        match &self.options.tls_ca_pem {
-            None => {
-                self.bounded_by(
-                    "connect",
-                    limit,
-                    Connection::connect_uri(self.uri.clone(), props),
-                )
-                .await
-            }
-            Some(pem) => {
-                let tls = lapin::tcp::OwnedTLSConfig {
-                    identity: None,
-                    cert_chain: Some(pem.clone()),
-                };
-                let builder = lapin::DefaultConnectionBuilder::new()
-                    .map_err(|e| classify("connect", e))?
-                    .with_uri(self.uri.clone())
-                    .with_properties(props)
-                    .with_tls_config(tls);
-                self.bounded_by("connect", limit, builder.connect()).await
-            }
-        }
-    }
-
-    /// Opens a channel on the live connection; a connection that turns out
-    /// dead is dropped so the next call reconnects.
-    pub(crate) async fn channel(&self) -> Result<lapin::Channel, Failure> {
-        let conn = self.connection().await.map_err(Failure::Final)?;
-        let channel = self.bounded("channel open", conn.create_channel()).await;
-        if channel.is_err() {
-            let mut link = self.link.lock().await;
-            if link.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-                *link = None;
-            }
-        }
-        channel
     }
 
     async fn health(&self) -> Health {
@@ -883,6 +808,12 @@ impl Publisher for RabbitMqBroker {
 
     fn backend_name(&self) -> &'static str {
         BACKEND
+    }
+
+    /// The node (`host:port/vhost`) of the one connection that publishes
+    /// and subscriptions share.
+    fn connected_node(&self) -> Option<String> {
+        self.inner.connected_node().map(str::to_owned)
     }
 
     /// The library's limit (default 16 MiB), or the broker's

@@ -214,20 +214,49 @@ async fn pump(
         let reopened = tokio::select! {
             _ = &mut stop => return,
             _ = tx.closed() => return,
-            r = open_with_retry(&inner, &sub) => r,
+            r = resubscribe(&inner, &sub) => r,
         };
         match reopened {
             Ok(l) => {
-                tracing::info!(topic = %sub.topic, group = %sub.group, "RabbitMQ subscription resumed");
+                tracing::info!(topic = %sub.topic, group = %sub.group, node = inner.connected_node().unwrap_or_default(), "RabbitMQ subscription resumed");
                 live = l;
             }
             Err(BrokerError::Closed(_)) => return, // shut down on purpose: the stream just ends
             Err(e) => {
-                tracing::error!(topic = %sub.topic, group = %sub.group, error = %e, "RabbitMQ subscription gave up");
+                tracing::error!(topic = %sub.topic, group = %sub.group, error = %e, "RabbitMQ subscription gave up: its consumer stops");
                 let _ = tx.send(Err(e));
                 return;
             }
         }
+    }
+}
+
+/// Opens the subscription again after a loss: rounds of
+/// [`open_with_retry`] (each under the reconnect policy), with the
+/// resubscribe policy's waits between them, for as long as the broker is
+/// unreachable (by default forever: an outage pauses a subscription, never
+/// ends it). An error that is not an outage (a refusal, a shutdown) ends
+/// it at once, as does a bounded resubscribe policy that runs out.
+async fn resubscribe(inner: &Inner, sub: &Subscription) -> Result<Live> {
+    let policy = &inner.options.resubscribe;
+    let started = tokio::time::Instant::now();
+    let mut delays = policy.delays();
+    loop {
+        let e = match open_with_retry(inner, sub).await {
+            Ok(live) => return Ok(live),
+            Err(e) if !e.is_transient() => return Err(e),
+            Err(e) => e,
+        };
+        let next = delays
+            .next()
+            .filter(|d| policy.time_left(started).is_none_or(|left| *d < left));
+        let Some(delay) = next else {
+            return Err(e);
+        };
+        if let Some(suppressed) = crate::logs::allow("resubscribe") {
+            tracing::warn!(topic = %sub.topic, group = %sub.group, error = %e, ?delay, suppressed, "RabbitMQ unreachable; the subscription waits and tries again");
+        }
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -16,6 +16,19 @@ fn refused(url: &SecretUrl, why: impl std::fmt::Display) -> BrokerError {
     })
 }
 
+/// Checks a node list as a whole (every node an AMQP URL, one set of
+/// credentials and vhost), before each node is read by [`read`].
+pub(crate) fn check_list(url: &SecretUrl) -> Result<(), BrokerError> {
+    url.amqp_nodes().map(drop).map_err(|e| {
+        refused(
+            url,
+            format_args!(
+                "not of the form amqp://user:password@host:port/vhost, nor a comma-separated list of such URLs: {e}"
+            ),
+        )
+    })
+}
+
 /// The address for errors (`host:port/vhost`) and the URL as lapin reads
 /// it, once both readings agree.
 pub(crate) fn read(url: &SecretUrl) -> Result<(String, AMQPUri), BrokerError> {

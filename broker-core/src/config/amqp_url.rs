@@ -5,6 +5,7 @@
 //! split cleanly into its parts is never shown, since any part of it could
 //! be a password.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
@@ -35,15 +36,83 @@ struct Spans {
 /// Why a URL was refused. The text never quotes the URL: with a misplaced
 /// delimiter, any part of it could be the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UrlError(&'static str);
+pub struct UrlError(Cow<'static, str>);
 
 impl fmt::Display for UrlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
+        f.write_str(&self.0)
     }
 }
 
 impl std::error::Error for UrlError {}
+
+impl UrlError {
+    const fn fixed(why: &'static str) -> Self {
+        UrlError(Cow::Borrowed(why))
+    }
+}
+
+/// Splits a node list (`amqp://u:p@rabbit-1,amqp://u:p@rabbit-2`) into its
+/// URLs. A comma starts a new node only where an `amqp://` or `amqps://`
+/// follows it (spaces around it are dropped), so a comma in a password
+/// stays in it; an empty entry is kept, and refused by [`parse_nodes`].
+pub(super) fn split_nodes(list: &str) -> Vec<&str> {
+    let starts_node = |rest: &str| {
+        let rest = rest.trim_start().as_bytes();
+        [&b"amqp://"[..], &b"amqps://"[..]].iter().any(|scheme| {
+            rest.len() >= scheme.len() && rest[..scheme.len()].eq_ignore_ascii_case(scheme)
+        })
+    };
+    let mut nodes = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let rest = &list[i + 1..];
+        if starts_node(rest) || rest.trim().is_empty() {
+            nodes.push(list[start..i].trim());
+            start = i + 1;
+        }
+    }
+    nodes.push(list[start..].trim());
+    nodes
+}
+
+/// Reads every node of a list strictly ([`parse_amqp`]) and checks that
+/// they share the user name, password and vhost (one set of credentials
+/// for the whole cluster). The error says which node is at fault, never
+/// quoting it.
+pub(super) fn parse_nodes(list: &str) -> Result<Vec<AmqpUrl>, UrlError> {
+    let texts = split_nodes(list);
+    let of = texts.len();
+    let mut nodes: Vec<AmqpUrl> = Vec::with_capacity(of);
+    for (i, text) in texts.iter().enumerate() {
+        let at = |why: &dyn fmt::Display| match of {
+            1 => UrlError(Cow::Owned(why.to_string())),
+            _ => UrlError(Cow::Owned(format!("node {} of {of}: {why}", i + 1))),
+        };
+        if text.is_empty() {
+            return Err(at(&"an empty entry in the comma-separated node list"));
+        }
+        let node = parse_amqp(text).map_err(|e| at(&e))?;
+        if let Some(first) = nodes.first() {
+            let differs = if node.username != first.username {
+                Some("user name")
+            } else if node.password != first.password {
+                Some("password")
+            } else if node.vhost_or_default() != first.vhost_or_default() {
+                Some("vhost")
+            } else {
+                None
+            };
+            if let Some(what) = differs {
+                return Err(at(&format_args!(
+                    "its {what} differs from node 1's: the nodes of a list share user name, password and vhost"
+                )));
+            }
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
 
 fn valid_percent(s: &str) -> bool {
     let b = s.as_bytes();
@@ -70,7 +139,7 @@ fn decode(s: &str) -> Result<String, UrlError> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or(UrlError(
+                .ok_or(UrlError::fixed(
                     "a `%` that does not start an escape (%XX): write a literal % as %25",
                 ))?;
             out.push(hex);
@@ -80,17 +149,17 @@ fn decode(s: &str) -> Result<String, UrlError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| UrlError("a percent-escape that is not UTF-8"))
+    String::from_utf8(out).map_err(|_| UrlError::fixed("a percent-escape that is not UTF-8"))
 }
 
 fn split(url: &str) -> Result<Spans, UrlError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "the URL contains a space or a control character (percent-encode it)",
         ));
     }
     let Some(colon) = url.find("://") else {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "the URL does not start with a scheme and `://` (amqp://user:password@host:port/vhost)",
         ));
     };
@@ -99,7 +168,7 @@ fn split(url: &str) -> Result<Spans, UrlError> {
     if !chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         || !chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "the URL does not start with a scheme and `://` (amqp://user:password@host:port/vhost)",
         ));
     }
@@ -122,13 +191,13 @@ fn split(url: &str) -> Result<Spans, UrlError> {
     let (host, port) = if hostport.starts_with('[') {
         let close = hostport
             .find(']')
-            .ok_or(UrlError("an IPv6 address without its closing `]`"))?;
+            .ok_or(UrlError::fixed("an IPv6 address without its closing `]`"))?;
         let after = &hostport[close + 1..];
         let port = match after.strip_prefix(':') {
             Some(_) => Some(host_start + close + 2..authority_end),
             None if after.is_empty() => None,
             None => {
-                return Err(UrlError(
+                return Err(UrlError::fixed(
                     "text after an IPv6 address's `]` other than `:port`",
                 ))
             }
@@ -145,14 +214,14 @@ fn split(url: &str) -> Result<Spans, UrlError> {
     };
     let host_text = &url[host.clone()];
     if host_text.is_empty() {
-        return Err(UrlError("the URL has no host"));
+        return Err(UrlError::fixed("the URL has no host"));
     }
     if !host_text.starts_with('[')
         && !host_text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-._~%".contains(c))
     {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "the host has characters a host name cannot have (a `/`, `?` or `#` in the password must be percent-encoded)",
         ));
     }
@@ -161,14 +230,14 @@ fn split(url: &str) -> Result<Spans, UrlError> {
             .chars()
             .all(|c| c.is_ascii_hexdigit() || ":.".contains(c))
     {
-        return Err(UrlError("the IPv6 address is not valid"));
+        return Err(UrlError::fixed("the IPv6 address is not valid"));
     }
     if let Some(p) = &port {
         let text = &url[p.clone()];
         if !text.is_empty()
             && (!text.chars().all(|c| c.is_ascii_digit()) || text.parse::<u16>().is_err())
         {
-            return Err(UrlError(
+            return Err(UrlError::fixed(
                 "the port is not a number from 0 to 65535 (a `/`, `?` or `#` in the password must be percent-encoded)",
             ));
         }
@@ -184,18 +253,18 @@ fn split(url: &str) -> Result<Spans, UrlError> {
         .get(1..)
         .is_some_and(|v| v.contains('/'))
     {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "a `/` in the vhost: write it %2F (a `/` in the password must be percent-encoded too)",
         ));
     }
     if url[authority_end..].contains('@') {
-        return Err(UrlError(
+        return Err(UrlError::fixed(
             "an `@` after the host: a `/`, `?` or `#` in the user name or password must be percent-encoded (%2F, %3F, %23), an `@` in the vhost written %40",
         ));
     }
     for part in [&user, &password].into_iter().flatten() {
         if !valid_percent(&url[part.clone()]) {
-            return Err(UrlError(
+            return Err(UrlError::fixed(
                 "a `%` in the user name or password that does not start an escape (%XX): write a literal % as %25",
             ));
         }
@@ -205,7 +274,7 @@ fn split(url: &str) -> Result<Spans, UrlError> {
         .flatten()
     {
         if !valid_percent(&url[part]) {
-            return Err(UrlError(
+            return Err(UrlError::fixed(
                 "a `%` in the host or vhost that does not start an escape (%XX): write a literal % as %25",
             ));
         }
@@ -325,19 +394,19 @@ pub(super) fn parse_amqp(url: &str) -> Result<AmqpUrl, UrlError> {
     let s = split(url)?;
     let scheme = url[s.scheme.clone()].to_ascii_lowercase();
     if scheme != "amqp" && scheme != "amqps" {
-        return Err(UrlError("the scheme must be amqp:// or amqps://"));
+        return Err(UrlError::fixed("the scheme must be amqp:// or amqps://"));
     }
     let part = |r: &Option<Range<usize>>| r.clone().map(|r| decode(&url[r])).transpose();
     let username = part(&s.user)?;
     let password = part(&s.password)?;
     match (username.as_deref(), password.as_deref()) {
         (Some(""), _) => {
-            return Err(UrlError(
+            return Err(UrlError::fixed(
                 "an empty user name (the client would log in as guest)",
             ))
         }
         (Some(_), None | Some("")) => {
-            return Err(UrlError(
+            return Err(UrlError::fixed(
                 "a user name without a password (the client would send the password `guest`)",
             ))
         }
@@ -348,7 +417,7 @@ pub(super) fn parse_amqp(url: &str) -> Result<AmqpUrl, UrlError> {
         None | Some("") => None,
         Some(p) => Some(
             p.parse()
-                .map_err(|_| UrlError("the port is not a number from 0 to 65535"))?,
+                .map_err(|_| UrlError::fixed("the port is not a number from 0 to 65535"))?,
         ),
     };
     let path = &url[s.path.clone()];

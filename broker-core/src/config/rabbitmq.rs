@@ -12,6 +12,21 @@ pub(super) const RABBITMQ_REQUIRED_GROUPS: &str = "RABBITMQ_REQUIRED_GROUPS";
 pub(super) const RABBITMQ_QUEUE_EXPIRY_MS: &str = "RABBITMQ_QUEUE_EXPIRY_MS";
 pub(super) const RABBITMQ_ALTERNATE_EXCHANGE: &str = "RABBITMQ_ALTERNATE_EXCHANGE";
 pub(super) const RABBITMQ_QUEUE_TYPE: &str = "RABBITMQ_QUEUE_TYPE";
+pub(super) const RABBITMQ_NODE_ORDER: &str = "RABBITMQ_NODE_ORDER";
+
+/// The order in which a client tries the nodes of a cluster's node list
+/// (`RABBITMQ_URL=amqp://..,amqp://..`), as Spring AMQP's
+/// `AddressShuffleMode`. Whatever the order, a client that loses its node
+/// goes on to the next one in it, and tries the lost node last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeOrder {
+    /// As listed: every client starts at the first node (the default).
+    #[default]
+    InOrder,
+    /// In an order drawn at random once per client, so that many clients
+    /// with the same list spread over the nodes (`RABBITMQ_NODE_ORDER=shuffle`).
+    Shuffle,
+}
 
 /// How to reach RabbitMQ, and what RabbitMQ needs to keep the promises the
 /// other backends keep on their own.
@@ -31,6 +46,7 @@ pub struct RabbitMqSettings {
     queue_expiry: Option<Duration>,
     alternate_exchange: Option<String>,
     classic_queues: bool,
+    node_order: NodeOrder,
 }
 
 /// A copy: lets `RabbitMqBroker::connect` take settings by value (as
@@ -51,7 +67,20 @@ impl RabbitMqSettings {
             queue_expiry: None,
             alternate_exchange: None,
             classic_queues: false,
+            node_order: NodeOrder::InOrder,
         }
+    }
+
+    /// The order in which the nodes of a node list are tried
+    /// (`RABBITMQ_NODE_ORDER`: `in-order`, the default, or `shuffle`).
+    pub fn with_node_order(mut self, order: NodeOrder) -> Self {
+        self.node_order = order;
+        self
+    }
+
+    /// The order in which the nodes of a node list are tried.
+    pub fn node_order(&self) -> NodeOrder {
+        self.node_order
     }
 
     /// Declares classic queues instead of quorum queues
@@ -162,6 +191,18 @@ impl RabbitMqSettings {
                 }
             };
         }
+        if let Some(order) = get(RABBITMQ_NODE_ORDER) {
+            settings.node_order = match order.trim().to_ascii_lowercase().as_str() {
+                "in-order" | "inorder" => NodeOrder::InOrder,
+                "shuffle" | "random" => NodeOrder::Shuffle,
+                _ => {
+                    return Err(invalid(
+                        RABBITMQ_NODE_ORDER,
+                        &format!("`{order}` is not a node order: in-order or shuffle"),
+                    ))
+                }
+            };
+        }
         Ok(settings)
     }
 
@@ -199,6 +240,9 @@ impl RabbitMqSettings {
         }
         if self.classic_queues {
             out += ", queue_type=classic";
+        }
+        if self.node_order == NodeOrder::Shuffle {
+            out += ", node_order=shuffle";
         }
         out
     }
@@ -339,9 +383,14 @@ mod tests {
             ("RABBITMQ_QUEUE_EXPIRY_MS", "60000"),
             ("RABBITMQ_ALTERNATE_EXCHANGE", "broker.unroutable"),
             ("RABBITMQ_QUEUE_TYPE", "Classic"),
+            ("RABBITMQ_NODE_ORDER", "Shuffle"),
         ])
         .unwrap();
         assert!(s.classic_queues());
+        assert_eq!(s.node_order(), NodeOrder::Shuffle);
+        assert_eq!(rabbit(&[]).unwrap().node_order(), NodeOrder::InOrder);
+        let bad = rabbit(&[("RABBITMQ_NODE_ORDER", "round-robin")]).unwrap_err();
+        assert_eq!(bad.var(), "RABBITMQ_NODE_ORDER", "{bad}");
         assert!(!rabbit(&[]).unwrap().classic_queues(), "quorum by default");
         let bad = rabbit(&[("RABBITMQ_QUEUE_TYPE", "stream")]).unwrap_err();
         assert!(bad.to_string().contains("RABBITMQ_QUEUE_TYPE"), "{bad}");

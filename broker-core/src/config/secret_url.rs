@@ -2,7 +2,10 @@
 
 use super::*;
 
-/// A URL that may carry a password (`amqp://user:password@host:5672/vhost`).
+/// A URL that may carry a password (`amqp://user:password@host:5672/vhost`),
+/// or a comma-separated list of them, one per node of a cluster
+/// (`amqp://app:pw@rabbit-1,amqp://app:pw@rabbit-2`; see
+/// [`SecretUrl::amqp_nodes`]).
 ///
 /// `Debug` and `Display` print [`SecretUrl::redacted`]; only
 /// [`SecretUrl::expose`] returns the password. A `/`, `?`, `#` or `%` in
@@ -38,7 +41,54 @@ impl SecretUrl {
     /// assert_eq!(SecretUrl::new("amqp//app:s3cret@rabbit/%2f").redacted(), "[malformed URL, redacted]");
     /// ```
     pub fn redacted(&self) -> String {
-        amqp_url::redact(&self.0)
+        let nodes = amqp_url::split_nodes(&self.0);
+        match nodes.len() {
+            1 => amqp_url::redact(&self.0),
+            _ => nodes
+                .iter()
+                .map(|node| amqp_url::redact(node))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// The node URLs of a list (`amqp://u:pw@rabbit-1,amqp://u:pw@rabbit-2`),
+    /// in order; one URL for a single node. A comma starts a new node only
+    /// where `amqp://` or `amqps://` follows it (spaces around it are
+    /// dropped), so a comma in a password stays in it. Nothing is checked
+    /// ([`SecretUrl::amqp_nodes`] checks).
+    ///
+    /// ```
+    /// use broker_core::config::SecretUrl;
+    /// let list = SecretUrl::new("amqp://app:pw@rabbit-1, amqp://app:pw@rabbit-2:5673");
+    /// let nodes = list.nodes();
+    /// assert_eq!(nodes.len(), 2);
+    /// assert_eq!(nodes[1].redacted(), "amqp://app:***@rabbit-2:5673");
+    /// assert_eq!(list.redacted(), "amqp://app:***@rabbit-1,amqp://app:***@rabbit-2:5673");
+    /// ```
+    pub fn nodes(&self) -> Vec<SecretUrl> {
+        amqp_url::split_nodes(&self.0)
+            .into_iter()
+            .map(SecretUrl::new)
+            .collect()
+    }
+
+    /// Reads a node list strictly: each node as [`SecretUrl::amqp`] reads
+    /// a URL, and all of them with the same user name, password and vhost
+    /// (one set of credentials for the cluster; the scheme and port may
+    /// differ). The error names the node at fault by its place in the
+    /// list, never quoting it.
+    ///
+    /// ```
+    /// use broker_core::config::SecretUrl;
+    /// let nodes = SecretUrl::new("amqp://app:pw@rabbit-1,amqp://app:pw@rabbit-2/%2f").amqp_nodes().unwrap();
+    /// assert_eq!(nodes[1].address(), "rabbit-2:5672/%2f");
+    /// let err = SecretUrl::new("amqp://app:pw@rabbit-1,amqp://app:other@rabbit-2").amqp_nodes().unwrap_err();
+    /// assert_eq!(err.to_string(), "node 2 of 2: its password differs from node 1's: the nodes of a list share user name, password and vhost");
+    /// assert!(SecretUrl::new("amqp://app:pw@rabbit-1,rabbit-2").amqp_nodes().is_err());
+    /// ```
+    pub fn amqp_nodes(&self) -> Result<Vec<AmqpUrl>, UrlError> {
+        amqp_url::parse_nodes(&self.0)
     }
 
     /// Reads an `amqp://` or `amqps://` URL strictly into its parts

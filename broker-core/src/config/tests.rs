@@ -438,3 +438,66 @@ fn broker_config_output_is_redacted() {
          route billing: kafka+rabbitmq"
     );
 }
+
+#[test]
+fn rabbitmq_url_takes_a_node_list_with_one_set_of_credentials() {
+    let list = "amqp://app:s3cret@rabbit-1:5672/prod, amqp://app:s3cret@rabbit-2:5673/prod,amqps://app:s3cret@rabbit-3/prod";
+    let config = BrokerConfig::from_vars([("RABBITMQ_URL", list)]).unwrap();
+    let url = config.rabbitmq.as_ref().unwrap().url();
+    let addresses: Vec<String> = url
+        .amqp_nodes()
+        .unwrap()
+        .iter()
+        .map(|n| n.address())
+        .collect();
+    assert_eq!(
+        addresses,
+        [
+            "rabbit-1:5672/prod",
+            "rabbit-2:5673/prod",
+            "rabbit-3:5671/prod"
+        ]
+    );
+    let shown = format!("{config} {config:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(
+        shown.contains("url=amqp://app:***@rabbit-1:5672/prod,amqp://app:***@rabbit-2:5673/prod,amqps://app:***@rabbit-3/prod"),
+        "{shown}"
+    );
+    // A comma in a password does not start a node.
+    let comma = SecretUrl::new("amqp://app:a,b@rabbit-1,amqp://app:a,b@rabbit-2");
+    assert_eq!(comma.nodes().len(), 2);
+    assert_eq!(
+        comma.amqp_nodes().unwrap()[0].password.as_deref(),
+        Some("a,b")
+    );
+
+    for (bad, why) in [
+        (
+            "amqp://app:s3cret@rabbit-1,amqp://app:other@rabbit-2",
+            "node 2 of 2: its password differs",
+        ),
+        (
+            "amqp://app:s3cret@rabbit-1,amqp://ops:s3cret@rabbit-2",
+            "node 2 of 2: its user name differs",
+        ),
+        (
+            "amqp://app:s3cret@rabbit-1/a,amqp://app:s3cret@rabbit-2/b",
+            "node 2 of 2: its vhost differs",
+        ),
+        ("amqp://app:s3cret@rabbit-1,", "node 2 of 2: an empty entry"),
+        (
+            "amqp://app:s3cret@rabbit-1,,amqp://app:s3cret@rabbit-2",
+            "node 1 of 2",
+        ),
+        ("amqp://app:s3cret@rabbit-1 amqp://app:s3cret@rabbit-2", ""),
+        ("amqp://app:s3cret@rabbit-1,rabbit-2:5672", ""),
+        ("amqp://app:s3cret@rabbit-1,http://app:s3cret@rabbit-2", ""),
+    ] {
+        let err = BrokerConfig::from_vars([("RABBITMQ_URL", bad)]).expect_err(bad);
+        let text = format!("{err} {err:?}");
+        assert_eq!(err.var(), "RABBITMQ_URL", "{bad}: {text}");
+        assert!(text.contains(why), "{bad}: {text}");
+        assert!(!text.contains("s3cret"), "{bad}: {text}");
+    }
+}
