@@ -36,10 +36,19 @@ port_of() { echo $((BASE_PORT + $1)); }
 ndir() { echo "$DIR/n$1"; }
 beam_pid() { [[ -f $(ndir "$1")/node.pid ]] && cat "$(ndir "$1")/node.pid"; }
 # Ours: the PID from our PID file is alive and is the beam of that node name.
+is_node() { # is_node PID I: PID is node I's beam, with our data directory
+  tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$(node_name "$2")" &&
+    tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -qx "RABBITMQ_MNESIA_BASE=$(ndir "$2")/mnesia"
+}
+# The pid listening on node I's AMQP port, if any.
+listener_pid() { ss -ltnpH "sport = :$(port_of "$1")" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2; }
 ours() {
   local p
-  p=$(beam_pid "$1" 2>/dev/null) && [[ -n $p ]] && kill -0 "$p" 2>/dev/null &&
-    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$(node_name "$1")"
+  p=$(beam_pid "$1" 2>/dev/null) && [[ -n $p ]] && kill -0 "$p" 2>/dev/null && is_node "$p" "$1" && return 0
+  # The pid file can lag behind a node that was just restarted: the
+  # listener on the node's port is ours if it is that node with our data.
+  p=$(listener_pid "$1") && [[ -n $p ]] && is_node "$p" "$1" && { echo "$p" >"$(ndir "$1")/node.pid"; return 0; }
+  return 1
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -96,7 +105,13 @@ start_node() {
   local i=$1
   [[ $i =~ ^[123]$ ]] || die "node index must be 1, 2 or 3"
   if ours "$i"; then say "$(node_name "$i") already running (pid $(beam_pid "$i"))"; return 0; fi
-  port_open "$(port_of "$i")" && die "port $(port_of "$i") is taken by another program"
+  if port_open "$(port_of "$i")"; then
+    # A node of ours that is still stopping (its pid file gone, its port not yet
+    # closed): wait for it to go.
+    for _ in $(seq 1 100); do port_open "$(port_of "$i")" || break; ours "$i" && break; sleep 0.2; done
+    if ours "$i"; then say "$(node_name "$i") already running (pid $(beam_pid "$i"))"; return 0; fi
+    port_open "$(port_of "$i")" && die "port $(port_of "$i") is taken by another program (listener pid $(listener_pid "$i"), pid file $(beam_pid "$i" 2>/dev/null))"
+  fi
   launch "$i"
   wait_ready "$i"
   say "running $(node_name "$i") on 127.0.0.1:$(port_of "$i") (beam pid $(beam_pid "$i"))"
@@ -170,6 +185,7 @@ stop_node() {
     for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$p" 2>/dev/null; then kill -TERM "$p" 2>/dev/null || true; sleep 2; fi
     if kill -0 "$p" 2>/dev/null; then kill -KILL "$p" 2>/dev/null || true; fi
+    for _ in $(seq 1 100); do port_open "$(port_of "$i")" || break; sleep 0.1; done
   fi
   # The launcher shell (rabbitmq-server script) we started, if it outlived the beam.
   l=$(cat "$(ndir "$i")/launcher.pid" 2>/dev/null || true)

@@ -63,6 +63,12 @@ pub(crate) struct Link {
 #[derive(Default)]
 pub(crate) struct NextNode(AtomicUsize);
 
+/// How many connections were made: channels opened on an earlier one are
+/// not used again (lapin can leave a channel of a dead connection looking
+/// connected).
+#[derive(Default)]
+pub(crate) struct Epoch(std::sync::atomic::AtomicU64);
+
 /// The node the connection is on, for health reports without a lock;
 /// [`Connected::NONE`] while there is none.
 pub(crate) struct Connected(AtomicUsize);
@@ -104,6 +110,7 @@ impl Inner {
             node,
         });
         self.connected.0.store(node, Ordering::Relaxed);
+        self.epoch.0.fetch_add(1, Ordering::Release);
         tracing::info!(url = %self.options.url, node = %self.nodes[node].address, "connected to RabbitMQ");
         Ok(conn)
     }
@@ -117,6 +124,11 @@ impl Inner {
         self.next_node
             .0
             .store((node + 1) % self.nodes.len(), Ordering::Relaxed);
+    }
+
+    /// The number of the live connection (see [`Epoch`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.0.load(Ordering::Acquire)
     }
 
     /// The address of the node the connection is on, if it is connected

@@ -405,6 +405,7 @@ impl RabbitMqBuilder {
                 link: tokio::sync::Mutex::new(None),
                 next_node: Default::default(),
                 connected: Default::default(),
+                epoch: Default::default(),
                 shut_down: Default::default(),
                 publisher: publish::PublisherState::default(),
                 options: self,
@@ -439,6 +440,7 @@ pub(crate) struct Inner {
     link: tokio::sync::Mutex<Option<connect::Link>>,
     next_node: connect::NextNode,
     connected: connect::Connected,
+    epoch: connect::Epoch,
     /// Set by [`RabbitMqBroker::close`]: no more (re)connecting.
     shut_down: std::sync::atomic::AtomicBool,
     publisher: publish::PublisherState,

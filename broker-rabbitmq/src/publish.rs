@@ -82,6 +82,8 @@ struct TopicRoutes {
 struct ConfirmChannel {
     channel: Channel,
     generation: u64,
+    /// The connection it is on ([`Inner::epoch`]).
+    epoch: u64,
 }
 
 /// A confirm awaited by the publishing future. If that future is dropped
@@ -351,17 +353,31 @@ async fn attempt(
     props: BasicProperties,
 ) -> Result<(), Failure> {
     let ch = confirm_channel(inner).await?;
+    let result = attempt_on(inner, &ch, target, message, props).await;
+    if let Err(why) = &result {
+        forget_failed_channel(inner, ch.generation, why).await;
+    }
+    result
+}
+
+async fn attempt_on(
+    inner: &Inner,
+    ch: &ConfirmChannel,
+    target: Target<'_>,
+    message: &Message,
+    props: BasicProperties,
+) -> Result<(), Failure> {
     let confirmed = match target {
         Target::Topic(topic) => {
-            prepare(inner, &ch, topic, 1).await?;
-            send(inner, &ch, &inner.options.exchange, topic, message, props).await?
+            prepare(inner, ch, topic, 1).await?;
+            send(inner, ch, &inner.options.exchange, topic, message, props).await?
         }
         Target::Delayed { topic, tier, group } => {
             // Boxed: delayed publishes are the rarer kind, and the future of
             // every attempt would otherwise be as large as this one's.
-            let queue = Box::pin(prepare_delayed(inner, &ch, topic, tier, group)).await?;
+            let queue = Box::pin(prepare_delayed(inner, ch, topic, tier, group)).await?;
             // The default exchange routes to the queue of that name.
-            send(inner, &ch, "", &queue, message, props).await?
+            send(inner, ch, "", &queue, message, props).await?
         }
     };
     confirmed.await
@@ -565,12 +581,35 @@ async fn finish(
     }
 }
 
+/// Drops the confirm channel `failed` after a publish on it was lost or
+/// nacked, unless it was replaced already: lapin can leave a channel of a
+/// dead connection looking connected, and RabbitMQ 3.10 can go on nacking
+/// every publish of a channel that opened while its quorum queue was
+/// electing a leader (seen in the cluster tests; a new channel's publishes
+/// are confirmed). Re-sends then go to a new channel.
+async fn forget_failed_channel(inner: &Inner, failed: u64, why: &Failure) {
+    if matches!(why, Failure::Final(_)) {
+        return;
+    }
+    let mut slot = inner.publisher.channel.lock().await;
+    if slot.as_ref().is_some_and(|ch| ch.generation == failed) {
+        if let Some(ch) = slot.take() {
+            // Best effort, in the background: it may be dead already.
+            tokio::spawn(async move {
+                let closing = ch.channel.close(200, "publish lost".into());
+                let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+            });
+        }
+    }
+}
+
 /// The confirm channel, opened (with `confirm.select` and the exchange
 /// declared) when there is none or the last one was lost.
 async fn confirm_channel(inner: &Inner) -> Result<ConfirmChannel, Failure> {
     let mut slot = inner.publisher.channel.lock().await;
     if let Some(ch) = slot.as_ref() {
-        if ch.channel.status().connected() {
+        // A channel of an earlier connection can still look connected.
+        if ch.channel.status().connected() && ch.epoch == inner.epoch() {
             return Ok(ch.clone());
         }
     }
@@ -584,6 +623,7 @@ async fn open_confirm_channel(
 ) -> Result<ConfirmChannel, Failure> {
     *slot = None;
     let channel = inner.channel().await?;
+    let epoch = inner.epoch();
     inner
         .bounded(
             "confirm select",
@@ -594,6 +634,7 @@ async fn open_confirm_channel(
     let ch = ConfirmChannel {
         channel,
         generation: inner.publisher.generation.fetch_add(1, Ordering::Relaxed) + 1,
+        epoch,
     };
     *slot = Some(ch.clone());
     Ok(ch)
@@ -644,7 +685,11 @@ async fn send<'a>(
             Err(e) => Err(refusal(inner, message, e)),
             // Nothing is published with `mandatory`, so nothing comes back.
             Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Ok(()),
-            Ok(Confirmation::Nack(_)) => Err(Failure::Final(BrokerError::Rejected {
+            // A nack says the broker did not take the message (a quorum
+            // queue does so while it has no leader, say during a node's
+            // failure), so sending it again cannot duplicate it: sent again
+            // within the publish's bound, as a loss is.
+            Ok(Confirmation::Nack(_)) => Err(Failure::Lost(BrokerError::Rejected {
                 backend: BACKEND,
                 reason: "the broker nacked the publish".into(),
             })),

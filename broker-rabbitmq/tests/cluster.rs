@@ -38,6 +38,11 @@ const DRAIN: Duration = Duration::from_secs(60);
 
 /// The cluster's node URLs (in node order 1, 2, 3), when the test command started it.
 fn cluster() -> Option<Vec<String>> {
+    // The library's logs, with RUST_LOG (e.g. `broker_rabbitmq=debug`).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     if !backend_selected("rabbitmq") {
         return None;
     }
@@ -84,6 +89,17 @@ async fn run_script(args: &[&str]) -> String {
 async fn all_up() {
     for node in 1..=3 {
         run_script(&["start", &node.to_string()]).await;
+    }
+    eprintln!("three nodes up");
+}
+
+/// Closes the test's clients, each close bounded.
+async fn close_all(brokers: &[&RabbitMqBroker]) {
+    for broker in brokers {
+        tokio::time::timeout(Duration::from_secs(20), broker.close())
+            .await
+            .expect("close within 20 s")
+            .ok();
     }
 }
 
@@ -170,6 +186,7 @@ where
         .subscribe(Subscription::new(topic, "cluster").with_prefetch(PREFETCH))
         .await
         .expect("subscribe");
+    eprintln!("{topic}: subscribed");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let reader = {
         let seen = seen.clone();
@@ -207,7 +224,12 @@ where
             continue;
         }
         match pending.next().await {
-            Some((n, Ok(()))) => confirmed.push(n),
+            Some((n, Ok(()))) => {
+                confirmed.push(n);
+                if confirmed.len() % 5000 == 0 {
+                    eprintln!("{topic}: {} confirmed", confirmed.len());
+                }
+            }
             Some((_, Err(e))) => {
                 assert!(e.is_transient(), "a publish failed with a final error: {e}");
                 failed += 1;
@@ -219,6 +241,10 @@ where
         }
     }
     fault.await.expect("fault task");
+    eprintln!(
+        "{topic}: publishing ended ({} confirmed, {failed} failed)",
+        confirmed.len()
+    );
     let deadline = Instant::now() + DRAIN;
     loop {
         let missing = {
@@ -239,6 +265,7 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     reader.abort();
+    eprintln!("{topic}: every confirmed message handled");
     let s = seen.lock().unwrap();
     Outcome {
         confirmed,
@@ -324,8 +351,7 @@ async fn rabbitmq_cluster_queue_leader_killed_while_connected_elsewhere() {
     );
     let new_leader = self::leader(&queue).await;
     assert_ne!(new_leader, leader, "the queue has a new leader");
-    publisher.close().await.ok();
-    consumer.close().await.ok();
+    close_all(&[&publisher, &consumer]).await;
     all_up().await;
 }
 
@@ -355,8 +381,7 @@ async fn rabbitmq_cluster_connected_node_killed_clients_move_to_the_others() {
         Some(2),
         "moved to the next node"
     );
-    publisher.close().await.ok();
-    consumer.close().await.ok();
+    close_all(&[&publisher, &consumer]).await;
     all_up().await;
 }
 
@@ -386,8 +411,7 @@ async fn rabbitmq_cluster_rolling_restart_under_load() {
     };
     let outcome = run(&publisher, &consumer, &topic, fault).await;
     check("rolling restart", &outcome, ROLLING_BOUND);
-    publisher.close().await.ok();
-    consumer.close().await.ok();
+    close_all(&[&publisher, &consumer]).await;
     all_up().await;
 }
 
@@ -489,8 +513,7 @@ async fn rabbitmq_cluster_quorum_lost_publishes_fail_typed_then_resume() {
         let _ = delivery.ack().await;
     }
     stream.close().await.ok();
-    publisher.close().await.ok();
-    consumer.close().await.ok();
+    close_all(&[&publisher, &consumer]).await;
     all_up().await;
 }
 
@@ -517,6 +540,18 @@ async fn rabbitmq_cluster_subscription_outlives_a_60_s_outage_of_its_node() {
         .subscribe(Subscription::new(&topic, "cluster"))
         .await
         .expect("subscribe");
+    // In full flow first (a quorum queue killed the instant it is declared
+    // has followers that may not have started yet).
+    publisher
+        .publish(&topic, Message::new("1000"))
+        .await
+        .expect("publish");
+    let warm = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("first message")
+        .expect("open")
+        .expect("delivery");
+    warm.ack().await.expect("ack");
     run_script(&["kill9", "3"]).await;
     let down = Instant::now();
     for n in 0..100u64 {
@@ -552,8 +587,7 @@ async fn rabbitmq_cluster_subscription_outlives_a_60_s_outage_of_its_node() {
     );
     assert!(Publisher::health(&consumer).await.is_healthy());
     stream.close().await.ok();
-    publisher.close().await.ok();
-    consumer.close().await.ok();
+    close_all(&[&publisher, &consumer]).await;
 }
 
 /// A bounded resubscribe policy is kept as given: once it runs out, the
