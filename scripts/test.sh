@@ -19,7 +19,9 @@
 #   RABBITMQ_URL           default amqp://guest:guest@127.0.0.1:5672/%2f; RabbitMQ is
 #                          installed/started here only when it points at this machine; then a
 #                          second local node with a TLS listener is started too
-#                          (scripts/ensure-rabbitmq-tls.sh; RABBITMQ_TLS_PORT, default 5671)
+#                          (scripts/ensure-rabbitmq-tls.sh; RABBITMQ_TLS_PORT, default 5671),
+#                          and a private three-node cluster for the cluster tests
+#                          (scripts/rabbitmq-cluster.sh; AMQP ports 5691-5693)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -122,6 +124,31 @@ if wants rabbitmq; then
     bash scripts/ensure-rabbitmq-limits.sh status || on_exit+=("bash scripts/ensure-rabbitmq-limits.sh stop")
     RABBITMQ_LIMITS_URL=$(bash scripts/ensure-rabbitmq-limits.sh start | sed -n 's/^RABBITMQ_LIMITS_URL=//p')
     export RABBITMQ_LIMITS_URL
+    # A private three-node cluster for the cluster tests (broker-rabbitmq/tests/cluster.rs),
+    # booted in the background while the lint steps run (about a minute); the tests
+    # wait for it (cluster_ready below). Stopped at the end if started here.
+    # Ports: 5691-5693 (distribution 25791-25793), or the first free set above them
+    # when another checkout's cluster holds those.
+    if [[ -z ${RMQC_BASE_PORT:-} ]] && ! bash scripts/rabbitmq-cluster.sh status-up; then
+      for k in $(seq 0 30); do
+        b=$((5690 + 10 * k)) d=$((25790 + 10 * k)) c=$((35791 + 20 * k)) free=1
+        for p in $((b + 1)) $((b + 2)) $((b + 3)) $((d + 1)) $((d + 2)) $((d + 3)) $c; do
+          port_open "$p" && { free=""; break; }
+        done
+        [[ -n $free ]] && { export RMQC_BASE_PORT=$b RMQC_DIST_BASE=$d RMQC_CTL_DIST_MIN=$c; break; }
+      done
+    fi
+    mkdir -p target
+    if bash scripts/rabbitmq-cluster.sh status-up; then
+      echo "rabbitmq cluster: already running"
+      cluster_boot=""
+    else
+      on_exit+=("bash scripts/rabbitmq-cluster.sh down")
+      bash scripts/rabbitmq-cluster.sh up >target/rabbitmq-cluster-up.log 2>&1 &
+      cluster_boot=$!
+    fi
+    RABBITMQ_CLUSTER_URLS=$(for i in 1 2 3; do bash scripts/rabbitmq-cluster.sh url "$i"; done | paste -sd,)
+    export RABBITMQ_CLUSTER_URLS
   else
     echo "rabbitmq: using RABBITMQ_URL as given (not set up here)"
   fi
@@ -186,6 +213,13 @@ facade_features() {
 }
 step "facade feature combinations" facade_features
 # .config/nextest.toml runs the broker-restarting rabbitmq_chaos tests last and alone.
+# The cluster booting in the background (see "brokers") must be up before the tests.
+cluster_ready() {
+  [[ -z ${cluster_boot:-} ]] && return 0
+  wait "$cluster_boot" || { cat target/rabbitmq-cluster-up.log >&2; return 1; }
+  cat target/rabbitmq-cluster-up.log
+}
+step "rabbitmq cluster up" cluster_ready
 step "tests (cargo nextest)" cargo nextest run --workspace --all-features --no-fail-fast "$@"
 step "doctests" cargo test --workspace --all-features --doc
 step "examples build" cargo build --workspace --examples

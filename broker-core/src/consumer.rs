@@ -288,11 +288,23 @@ impl ConsumerBuilder {
             instruments,
         });
         tracing::info!(topic = %self.topic, group = %runtime.group, concurrency = self.concurrency, "consumer started");
-        let task = tokio::spawn(runtime.run(stream, self.concurrency, prefetch, stop_rx));
+        let stopped_by = Arc::new(std::sync::Mutex::new(None));
+        let run = runtime.run(stream, self.concurrency, prefetch, stop_rx);
+        let task = tokio::spawn({
+            let stopped_by = stopped_by.clone();
+            async move {
+                let result = run.await;
+                if let Err(e) = &result {
+                    *stopped_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+                result
+            }
+        });
         Ok(ConsumerHandle {
             stop: stop_tx,
             task,
             metrics: self.metrics,
+            stopped_by,
         })
     }
 }
@@ -302,6 +314,8 @@ pub struct ConsumerHandle {
     stop: watch::Sender<Option<Duration>>,
     task: JoinHandle<Result<()>>,
     metrics: Arc<Metrics>,
+    /// Why the consumer stopped on its own, once it did.
+    stopped_by: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ConsumerHandle {
@@ -329,6 +343,16 @@ impl ConsumerHandle {
     /// The consumer's counters now.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// Why the consumer stopped on its own (its subscription failed for
+    /// good, say a bounded resubscribe policy ran out during an outage):
+    /// the error's text. `None` while it runs and after a shutdown.
+    pub fn stopped_by(&self) -> Option<String> {
+        self.stopped_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

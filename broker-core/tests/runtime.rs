@@ -348,3 +348,68 @@ async fn a_message_arriving_with_retry_headers_counts_their_attempts() {
     assert_eq!(letter.message().headers()[header::DLQ_ATTEMPTS], "3");
     assert_eq!(letter.message().id(), copy.id());
 }
+
+/// A subscriber whose subscription fails for good at once, as a RabbitMQ
+/// subscription does when a bounded resubscribe policy runs out.
+struct GivesUp;
+
+struct FailedStream(Option<BrokerError>);
+
+#[async_trait]
+impl broker_core::DeliveryStream for FailedStream {
+    async fn next(&mut self) -> Option<Result<broker_core::Delivery>> {
+        self.0.take().map(Err)
+    }
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for GivesUp {
+    async fn subscribe(&self, _: Subscription) -> Result<Box<dyn broker_core::DeliveryStream>> {
+        Ok(Box::new(FailedStream(Some(BrokerError::Unavailable {
+            backend: "test",
+            attempts: 12,
+            source: "connect to node-1:5672/%2f: refused".into(),
+        }))))
+    }
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_whose_subscription_fails_for_good_says_why_it_stopped() {
+    let consumer = Consumer::from_parts(Arc::new(GivesUp), Arc::new(MemoryBroker::new()), "t", "g")
+        .handler(Recorder::default().handler())
+        .start()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while consumer.is_running() {
+        assert!(tokio::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let why = consumer.stopped_by().expect("a reason");
+    assert!(
+        why.contains("unavailable") && why.contains("node-1:5672"),
+        "{why}"
+    );
+    assert!(matches!(
+        consumer.shutdown(Duration::from_secs(1)).await,
+        Err(BrokerError::Unavailable { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_running_or_shut_down_consumer_has_no_stop_reason() {
+    let broker = MemoryBroker::new();
+    let consumer = Consumer::builder(broker.clone(), "t", "g")
+        .handler(Recorder::default().handler())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(consumer.stopped_by(), None);
+    consumer.shutdown(Duration::from_secs(1)).await.unwrap();
+}

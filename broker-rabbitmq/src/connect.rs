@@ -228,3 +228,58 @@ impl Inner {
         channel
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIST: &str = "amqp://app:s3cret@rabbit-1:5672/prod,amqp://app:s3cret@rabbit-2:5673/prod, amqps://app:s3cret@rabbit-3/prod";
+
+    fn addresses(order: NodeOrder) -> Vec<String> {
+        nodes(&SecretUrl::new(LIST), order)
+            .expect("a valid list")
+            .into_iter()
+            .map(|n| n.address)
+            .collect()
+    }
+
+    #[test]
+    fn a_node_list_is_read_in_order_or_shuffled() {
+        let listed = [
+            "rabbit-1:5672/prod",
+            "rabbit-2:5673/prod",
+            "rabbit-3:5671/prod",
+        ];
+        assert_eq!(addresses(NodeOrder::InOrder), listed);
+        let mut orders = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut shuffled = addresses(NodeOrder::Shuffle);
+            orders.insert(shuffled.clone());
+            shuffled.sort();
+            assert_eq!(shuffled, listed, "the same nodes");
+        }
+        assert_eq!(orders.len(), 6, "every order of three nodes is drawn");
+    }
+
+    #[test]
+    fn a_list_with_two_sets_of_credentials_is_refused_without_showing_them() {
+        for bad in [
+            "amqp://app:s3cret@rabbit-1,amqp://app:other@rabbit-2",
+            "amqp://app:s3cret@rabbit-1,rabbit-2",
+            "amqp://app:s3cret@rabbit-1,,amqp://app:s3cret@rabbit-2",
+            "amqp://app:s3cret@rabbit-1,amqp:/app:s3cret@rabbit-2/",
+        ] {
+            let err = match nodes(&SecretUrl::new(bad), NodeOrder::InOrder) {
+                Ok(_) => panic!("{bad}: accepted"),
+                Err(e) => e,
+            };
+            let shown = format!("{err} {err:?}");
+            assert!(matches!(err, BrokerError::Config(_)), "{bad}: {shown}");
+            assert!(shown.contains("RABBITMQ_URL"), "{bad}: {shown}");
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("other"),
+                "{bad}: {shown}"
+            );
+        }
+    }
+}

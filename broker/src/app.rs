@@ -50,9 +50,9 @@
 //!
 //! ```json
 //! {"ready":true,"phase":"running",
-//!  "brokers":[{"broker":"kafka","healthy":true,"error":null}],
+//!  "brokers":[{"broker":"kafka","healthy":true,"error":null,"node":null}],
 //!  "consumers":[{"module":"credits","topic":"credits.end","group":"billing","route":"kafka",
-//!    "running":true,"handled":3,"failed":1,"retried":1,"dead_lettered":0,
+//!    "running":true,"stopped_by":null,"handled":3,"failed":1,"retried":1,"dead_lettered":0,
 //!    "last_error":"handler: ledger unavailable","last_error_at_ms":1700000000000}]}
 //! ```
 //!
@@ -588,10 +588,15 @@ pub struct BrokerStatus {
     pub healthy: bool,
     /// Why not (no credentials: the backends redact them).
     pub error: Option<String>,
+    /// The node the connection is on (`host:port/vhost`), for RabbitMQ,
+    /// whose connection moves between the nodes of a node list; `None` for
+    /// Kafka and memory, and while not connected.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl BrokerStatus {
-    fn new(kind: BrokerKind, health: Health) -> Self {
+    fn new(kind: BrokerKind, health: Health, node: Option<String>) -> Self {
         let (healthy, error) = match health {
             Health::Healthy => (true, None),
             Health::Unhealthy(reason) => (false, Some(reason)),
@@ -600,6 +605,7 @@ impl BrokerStatus {
             broker: kind.to_string(),
             healthy,
             error,
+            node,
         }
     }
 }
@@ -618,6 +624,12 @@ pub struct ConsumerStatus {
     /// Whether it is consuming (false after shutdown, or when its
     /// subscription failed for good).
     pub running: bool,
+    /// Why it stopped on its own, when it did: the subscription's error
+    /// (say `rabbitmq unavailable after 12 attempts: ...` once a bounded
+    /// resubscribe policy ran out). It does not restart by itself; `ready`
+    /// stays false until the process restarts. `None` while it runs.
+    #[serde(default)]
+    pub stopped_by: Option<String>,
     /// Messages whose handler succeeded.
     pub handled: u64,
     /// Handler attempts that failed (errors and panics).
@@ -869,18 +881,19 @@ impl AppStatus {
     pub async fn health(&self) -> HealthReport {
         let timeout = self.shared.health_timeout;
         let brokers = futures::future::join_all(self.shared.kinds.iter().map(|&kind| async move {
-            let health = match self.shared.brokers.broker(kind) {
-                Err(e) => Health::Unhealthy(e.to_string()),
+            let (health, node) = match self.shared.brokers.broker(kind) {
+                Err(e) => (Health::Unhealthy(e.to_string()), None),
                 Ok((publisher, _)) => {
-                    match tokio::time::timeout(timeout, publisher.health()).await {
+                    let health = match tokio::time::timeout(timeout, publisher.health()).await {
                         Ok(health) => health,
                         Err(_) => Health::Unhealthy(format!(
                             "no answer to the health check within {timeout:?}"
                         )),
-                    }
+                    };
+                    (health, publisher.connected_node())
                 }
             };
-            BrokerStatus::new(kind, health)
+            BrokerStatus::new(kind, health, node)
         }))
         .await;
         let consumers = self.consumers();
@@ -902,6 +915,16 @@ impl AppStatus {
             .iter()
             .map(|slot| {
                 let counters = slot.metrics.snapshot();
+                // One lock for both: a second `lock` in the same expression
+                // would wait for the first guard, which lives to its end.
+                let (running, stopped_by) = {
+                    let handle = lock(&slot.handle);
+                    let handle = handle.as_ref();
+                    (
+                        handle.is_some_and(|h| h.is_running()),
+                        handle.and_then(|h| h.stopped_by()),
+                    )
+                };
                 let (last_error, last_error_at_ms) = match &*lock(&slot.last_error) {
                     Some((text, at)) => (Some(text.clone()), Some(*at)),
                     None => (None, None),
@@ -911,7 +934,8 @@ impl AppStatus {
                     topic: slot.topic.clone(),
                     group: slot.group.clone(),
                     route: slot.route.to_string(),
-                    running: lock(&slot.handle).as_ref().is_some_and(|h| h.is_running()),
+                    running,
+                    stopped_by,
                     handled: counters.handled,
                     failed: counters.failed,
                     retried: counters.retried,

@@ -224,6 +224,11 @@ async fn health_view_counts_and_serialises() {
     assert_eq!(json["ready"], true);
     assert_eq!(json["phase"], "running");
     assert_eq!(json["brokers"][0]["broker"], "memory");
+    assert_eq!(json["brokers"][0]["node"], broker::serde_json::Value::Null);
+    assert_eq!(
+        json["consumers"][0]["stopped_by"],
+        broker::serde_json::Value::Null
+    );
     assert_eq!(json["consumers"][0]["handled"], 2);
     assert_eq!(json["consumers"][0]["dead_lettered"], 1);
     assert_eq!(json["consumers"][1]["failed"], 3);
@@ -553,6 +558,38 @@ async fn shutdown_drains_in_flight_rabbitmq() {
     let brokers = Brokers::connect(rabbitmq_config()).await.unwrap();
     let again = Brokers::connect(rabbitmq_config()).await.unwrap();
     shutdown_drains_in_flight(brokers, Some(again)).await;
+}
+
+/// Health names the RabbitMQ node the connection is on.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test]
+async fn rabbitmq_health_names_the_connected_node() {
+    if !backend_selected("rabbitmq") {
+        return;
+    }
+    let config = rabbitmq_config();
+    let expected = config
+        .rabbitmq
+        .as_ref()
+        .unwrap()
+        .url()
+        .amqp_nodes()
+        .unwrap()[0]
+        .address();
+    let brokers = Brokers::connect(config).await.unwrap();
+    let mut app = App::with_brokers(brokers, ["jobs"]).unwrap();
+    app.consume("jobs", "workers", |_: Job, _: Received| async { Ok(()) })
+        .topic(unique("apptest.node"));
+    let running = tokio::time::timeout(WAIT, app.start())
+        .await
+        .expect("start within a minute")
+        .unwrap();
+    let report = running.status().health().await;
+    assert!(report.ready, "{report:?}");
+    assert_eq!(report.brokers[0].broker, "rabbitmq");
+    assert_eq!(report.brokers[0].node.as_deref(), Some(expected.as_str()));
+    assert_eq!(report.consumers[0].stopped_by, None);
+    running.shutdown().await.unwrap();
 }
 
 /// Three Kafka consumers (three groups) start together; prints how long.
