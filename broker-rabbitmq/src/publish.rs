@@ -594,8 +594,12 @@ async fn forget_failed_channel(inner: &Inner, failed: u64, why: &Failure) {
     let mut slot = inner.publisher.channel.lock().await;
     if slot.as_ref().is_some_and(|ch| ch.generation == failed) {
         if let Some(ch) = slot.take() {
-            // Best effort, in the background: it may be dead already.
+            // Closed once the publishes still in flight on it had their
+            // bound (closing it now would fail their confirms and have them
+            // sent again); best effort: it may be dead already.
+            let after = inner.options.confirm_timeout;
             tokio::spawn(async move {
+                tokio::time::sleep(after).await;
                 let closing = ch.channel.close(200, "publish lost".into());
                 let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
             });
