@@ -255,8 +255,16 @@ enum Step {
 
 impl State {
     /// Deliveries handed out and not settled yet.
+    /// Counted exactly, from the hand-out tokens (pending minus buffered
+    /// is not: a buffered copy can outlive its slot): asked only while a
+    /// partition recovers, before each hand-out.
     fn in_flight(&self) -> usize {
-        self.tracker.pending().saturating_sub(self.buffer.len())
+        let buffered: std::collections::HashSet<Token> =
+            self.buffer.iter().map(|b| b.token).collect();
+        self.tracker
+            .pending_tokens()
+            .filter(|token| !buffered.contains(token))
+            .count()
     }
 
     /// True when no delivery of `partition` is handed out and unsettled.
@@ -326,8 +334,12 @@ impl State {
     /// flight, after committing what finished (`commit`: not done yet in
     /// this call of `next`), and records of other partitions first.
     fn next_step(&mut self, commit: bool) -> Step {
-        let serial = self.counts.serial();
-        if serial && self.in_flight() == 0 {
+        // Settled: nothing in flight, and nothing decided but not handed
+        // out yet (a decided record counts as handed out for its recovery).
+        if self.counts.serial()
+            && self.in_flight() == 0
+            && self.buffer.iter().all(|b| b.attempt.is_none())
+        {
             self.counts.settle();
         }
         if !self.counts.serial() {
@@ -462,15 +474,19 @@ impl ConsumerContext for GroupContext {
                 tracing::info!(topic = %self.shared.topic, ?partitions, "partitions revoked");
                 // A lost assignment belongs to someone else already: committing would fail.
                 let lost = consumer.assignment_lost();
+                let mut committed = true;
                 if !commits.is_empty() && !lost {
                     let tpl = offsets_list(&self.shared.topic, &commits);
                     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        committed = false;
                         tracing::warn!(error = %e, "commit on revoke failed; finished messages may be redelivered");
                     }
                 }
                 // Finished cleanly: the next owner need not recover. If this
-                // is lost, it only recovers for nothing.
-                if !clean.is_empty() && !lost {
+                // is lost, it only recovers for nothing. Not when the commit
+                // failed: the next owner reads settled records again, and
+                // must count them (a dead-lettered poison, say).
+                if !clean.is_empty() && !lost && committed {
                     if let Err(e) = self.counts.store(&clean, CommitMode::Async) {
                         tracing::warn!(error = %e, "storing delivery counts on revoke failed");
                     }
@@ -797,9 +813,12 @@ async fn drive(
                 .commit(&offsets_list(&topic, &commits), CommitMode::Sync)
                 .map_err(|e| BrokerError::backend("kafka", e)),
         };
-        // Partitions with nothing abandoned finished cleanly.
-        if let Err(e) = counts.store(&clean, CommitMode::Sync) {
-            tracing::warn!(error = %e, "storing delivery counts at close failed");
+        // Partitions with nothing abandoned finished cleanly (if what
+        // finished is committed: see the revoke).
+        if result.is_ok() {
+            if let Err(e) = counts.store(&clean, CommitMode::Sync) {
+                tracing::warn!(error = %e, "storing delivery counts at close failed");
+            }
         }
         drop(counts);
         // Leaves the group: its partitions go to the other members at once.

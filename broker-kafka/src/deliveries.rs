@@ -339,8 +339,9 @@ impl DeliveryCounts {
             .any(|(&q, p)| q != partition && !p.eof_seen && !has_records(q))
     }
 
-    /// Nothing is in flight: ends the recoveries that have nothing left to
-    /// count (past the stored position, out of budget, or caught up).
+    /// Nothing is in flight, nor decided and not handed out yet: ends the
+    /// recoveries that have nothing left to count (past the stored
+    /// position, out of budget, or caught up).
     pub(crate) fn settle(&mut self) {
         let mut changed = false;
         for p in self.partitions.values_mut() {

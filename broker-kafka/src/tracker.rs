@@ -205,6 +205,16 @@ impl OffsetTracker {
         self.pending
     }
 
+    /// The tokens of the pending hand-outs, over all partitions.
+    pub(crate) fn pending_tokens(&self) -> impl Iterator<Item = Token> + '_ {
+        self.partitions.values().flat_map(|p| {
+            p.slots.iter().filter_map(|&(_, slot)| match slot {
+                Slot::Pending(token) => Some(token),
+                Slot::Done => None,
+            })
+        })
+    }
+
     /// Offsets of `partition` received and not yet acked.
     pub(crate) fn pending_in(&self, partition: i32) -> usize {
         self.partitions.get(&partition).map_or(0, |p| p.pending)

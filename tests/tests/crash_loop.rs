@@ -36,19 +36,40 @@ const NEIGHBOURS: usize = 20;
 /// The whole test's bound: Kafka needs a group join per restart.
 const TEST_BOUND: Duration = Duration::from_secs(240);
 
+/// Which broker the consumer process uses: `backend` as crash-consumer
+/// takes it, and the Kafka bootstrap servers when not the test command's.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    backend: &'a str,
+    kafka_brokers: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    fn the(backend: &'a str) -> Self {
+        Target {
+            backend,
+            kafka_brokers: None,
+        }
+    }
+}
+
 /// Starts the consumer process (delivery limit `limit`, `lanes` handlers);
 /// its stdout lines go to `lines`. Returns once it printed `ready`
 /// (subscribed; it handles nothing before).
 async fn start(
-    backend: &str,
+    target: Target<'_>,
     topic: &str,
     group: &str,
     (limit, lanes): (u32, usize),
     lines: mpsc::UnboundedSender<String>,
 ) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crash-consumer"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_crash-consumer"));
+    if let Some(brokers) = target.kafka_brokers {
+        command.env("KAFKA_BROKERS", brokers);
+    }
+    let mut child = command
         .args([
-            backend,
+            target.backend,
             topic,
             group,
             &limit.to_string(),
@@ -129,15 +150,13 @@ fn assert_limit_letter(letter: &Message, crashes: u32, limit: u32, at: &str) {
 }
 
 async fn crash_loop(
-    backend: &str,
+    target: Target<'_>,
     topic: &str,
     publisher: Arc<dyn Publisher>,
     subscriber: Arc<dyn Subscriber>,
     dlq_group: &str,
 ) {
-    // Unique per run: on tansu a group shared with earlier runs' topics
-    // sometimes answers an offset fetch with a value committed before the
-    // latest one (seen as a delivery count gone back).
+    // Unique per run: runs that share a broker do not share a group.
     let group = &unique("crash-loop");
     // Subscribed first, so it sees the letter on every broker.
     let mut letters = subscriber
@@ -145,7 +164,7 @@ async fn crash_loop(
         .await
         .expect("subscribe to the dead-letter topic");
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
-    let mut child = start(backend, topic, group, (LIMIT, 4), lines_tx.clone()).await;
+    let mut child = start(target, topic, group, (LIMIT, 4), lines_tx.clone()).await;
     publisher
         .publish(topic, Message::new("poison").with_key("p"))
         .await
@@ -169,7 +188,7 @@ async fn crash_loop(
                 assert!(!status.success(), "the consumer only ends by aborting: {status}");
                 crashes += 1;
                 assert!(crashes <= LIMIT, "more crashes than the delivery limit {LIMIT}");
-                child = start(backend, topic, group, (LIMIT, 4), lines_tx.clone()).await;
+                child = start(target, topic, group, (LIMIT, 4), lines_tx.clone()).await;
             }
             Some(line) = lines.recv() => {
                 handled.insert(parse(&line).payload);
@@ -186,7 +205,7 @@ async fn crash_loop(
         }
     }
     let letter = letter.expect("letter");
-    assert_limit_letter(&letter, crashes, LIMIT, backend);
+    assert_limit_letter(&letter, crashes, LIMIT, target.backend);
     // No ordinary message became a dead letter, though some were in flight
     // at every crash.
     let more = tokio::time::timeout(Duration::from_secs(3), letters.next()).await;
@@ -213,7 +232,7 @@ async fn rabbitmq_poison_message_that_kills_the_consumer_reaches_the_dlq() {
     );
     let topic = unique("crash.rabbitmq");
     crash_loop(
-        "rabbitmq",
+        Target::the("rabbitmq"),
         &topic,
         broker.clone(),
         broker.clone(),
@@ -237,7 +256,47 @@ async fn kafka_poison_message_that_kills_the_consumer_reaches_the_dlq() {
         .await
         .expect("create the topic");
     crash_loop(
-        "kafka",
+        Target::the("kafka"),
+        &topic,
+        broker.clone(),
+        broker.clone(),
+        &unique("crash-dlq"),
+    )
+    .await;
+}
+
+/// The same on librdkafka's mock cluster (in this process; the consumer
+/// process connects to its listener): a second Kafka implementation, with
+/// correct watermarks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_mock_cluster_poison_message_that_kills_the_consumer_reaches_the_dlq() {
+    if !backend_selected("kafka") {
+        return;
+    }
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let topic = unique("crash.mock");
+    for name in [topic.clone(), dead_letter_topic(&topic)] {
+        mock.create_topic(&name, 3, 1).expect("create topic");
+    }
+    let bootstrap = mock.bootstrap_servers();
+    let broker = Arc::new(
+        broker_kafka::KafkaBroker::builder(
+            broker_core::config::KafkaSettings::new(bootstrap.clone()).client_id("crash-mock-test"),
+        )
+        // The mock cluster does not implement CreateTopics.
+        .auto_create_topics(false)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .connect()
+        .await
+        .expect("connect to the mock cluster"),
+    );
+    let target = Target {
+        backend: "kafka-mock",
+        kafka_brokers: Some(&bootstrap),
+    };
+    crash_loop(
+        target,
         &topic,
         broker.clone(),
         broker.clone(),
@@ -329,7 +388,14 @@ async fn poison_placed(lanes: usize, before: usize) -> Placed {
     let started = tokio::time::Instant::now();
     let config = (PLACED_LIMIT, lanes);
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
-    let mut child = start("kafka", &topic, &group, config, lines_tx.clone()).await;
+    let mut child = start(
+        Target::the("kafka"),
+        &topic,
+        &group,
+        config,
+        lines_tx.clone(),
+    )
+    .await;
     let mut crashes = 0u32;
     let mut calls = 0usize;
     // Payload → partition, of every message handled so far.
@@ -357,7 +423,7 @@ async fn poison_placed(lanes: usize, before: usize) -> Placed {
                     crashes <= PLACED_LIMIT,
                     "{before} records before the poison, {lanes} lanes: more crashes than the delivery limit"
                 );
-                child = start("kafka", &topic, &group, config, lines_tx.clone()).await;
+                child = start(Target::the("kafka"), &topic, &group, config, lines_tx.clone()).await;
             }
             Some(line) = lines.recv() => take(parse(&line), &mut handled),
             d = letters.next(), if letter.is_none() => {

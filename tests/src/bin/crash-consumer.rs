@@ -2,8 +2,9 @@
 //! (`tests/tests/crash_loop.rs`) start it again and again and check that
 //! the delivery limit, kept by the broker, ends the loop.
 //!
-//! `crash-consumer BACKEND TOPIC GROUP LIMIT [LANES]`, BACKEND `kafka` or
-//! `rabbitmq`, LANES the consumer's concurrency (default 4), broker
+//! `crash-consumer BACKEND TOPIC GROUP LIMIT [LANES]`, BACKEND `kafka`,
+//! `kafka-mock` (Kafka without creating topics: librdkafka's mock cluster)
+//! or `rabbitmq`, LANES the consumer's concurrency (default 4), broker
 //! addresses from `KAFKA_BROKERS` / `RABBITMQ_URL` as the test command
 //! sets them. Prints `ready` once subscribed and `handled <payload>
 //! attempt <n> partition <p>` per message (partition -1 where the backend
@@ -26,7 +27,7 @@ async fn main() {
         [_, backend, topic, group, limit] => (backend, topic, group, limit, "4"),
         [_, backend, topic, group, limit, lanes] => (backend, topic, group, limit, &**lanes),
         _ => {
-            eprintln!("usage: crash-consumer kafka|rabbitmq TOPIC GROUP LIMIT [LANES]");
+            eprintln!("usage: crash-consumer kafka|kafka-mock|rabbitmq TOPIC GROUP LIMIT [LANES]");
             std::process::exit(2);
         }
     };
@@ -38,12 +39,13 @@ async fn main() {
     // a failed start.
     let (started, ready) = tokio::sync::watch::channel(false);
     let (subscriber, publisher): (Arc<dyn Subscriber>, Arc<dyn Publisher>) = match &**backend {
-        "kafka" => {
+        "kafka" | "kafka-mock" => {
             let brokers =
                 std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
             let broker = broker_kafka::KafkaBroker::builder(
                 KafkaSettings::new(brokers).client_id("crash-consumer"),
             )
+            .auto_create_topics(&**backend == "kafka")
             // As the Kafka tests do: tansu's group join waits half of it.
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
