@@ -397,7 +397,8 @@ async fn poison_placed(lanes: usize, before: usize) -> Placed {
     )
     .await;
     let mut crashes = 0u32;
-    let mut calls = 0usize;
+    // Payloads (the test's labels) handled again, in order.
+    let mut again: Vec<String> = Vec::new();
     // Payload → partition, of every message handled so far.
     let mut handled: BTreeMap<String, i32> = BTreeMap::new();
     let mut before_letter = None;
@@ -410,8 +411,9 @@ async fn poison_placed(lanes: usize, before: usize) -> Placed {
             h.attempt,
             h.payload
         );
-        calls += 1;
-        handled.insert(h.payload, h.partition);
+        if handled.insert(h.payload.clone(), h.partition).is_some() {
+            again.push(h.payload);
+        }
     };
     while letter.is_none() || handled.len() < expected.len() {
         tokio::select! {
@@ -474,12 +476,13 @@ async fn poison_placed(lanes: usize, before: usize) -> Placed {
         "{at}: records of other partitions waited for the poison's dead letter: {starved:?}"
     );
     // At every crash at most the in-flight window (prefetch: twice the
-    // lanes) and what finished within a commit's round trip come again.
-    let duplicates = calls - expected.len();
-    let bound = crashes as usize * 2 * (2 * lanes);
+    // lanes) and what finished in the last few milliseconds (the prompt
+    // commits' gap and round trip, on a loaded machine) come again.
+    let duplicates = again.len();
+    let bound = crashes as usize * (2 * (2 * lanes) + 10);
     assert!(
         duplicates <= bound,
-        "{at}: {duplicates} duplicate handler calls, more than {bound}"
+        "{at}: {duplicates} duplicate handler calls, more than {bound}: {again:?}"
     );
     let more = tokio::time::timeout(Duration::from_secs(3), letters.next()).await;
     assert!(
