@@ -8,16 +8,21 @@
 //! bumps librdkafka's fetch version, so records fetched but not yet returned
 //! are dropped and re-fetched after resume: nothing is skipped.
 //!
-//! Commits: periodically (async) the lowest unfinished offset of each owned
-//! partition; on revoke and on close (sync) what finished. Acks of revoked
-//! partitions are ignored: the new owner re-reads from the committed
-//! position (at-least-once).
+//! Commits: the lowest unfinished offset of each owned partition, async,
+//! as soon as an ack moves it (at most one commit per 5 ms) and
+//! periodically; also before each store of delivery counts; on revoke and
+//! on close (sync) what finished and the broker has not confirmed. Acks of
+//! revoked partitions are ignored: the new owner re-reads from the
+//! committed position (at-least-once).
 //!
 //! Delivery counts ([`crate::deliveries`]): the stream reads a partition's
-//! stored head before handing out its first record, stores the head before
-//! handing it out, and hands out one record at a time while a partition
-//! recovers from an unclean finish. `attempt` of each delivery comes from
-//! there.
+//! stored state before handing out its first record, stores a window or a
+//! head before handing out a record it does not cover, and hands out one
+//! record at a time while a partition recovers from an unclean finish
+//! (committing what finished synchronously before each suspect record, and
+//! handing out the other partitions' records first; the driver then pauses
+//! the held partitions and leaves their records out of the prefetch bound).
+//! `attempt` of each delivery comes from there.
 //!
 //! `nack(requeue)`: Kafka has no per-message nack. The record's offset stays
 //! unfinished (nothing at or after it is committed) and the stream hands the
@@ -65,6 +70,11 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 /// pauses the partitions (pausing drops what librdkafka prefetched).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
+/// Shortest time between two prompt commits (after acks): at most 200
+/// commit requests a second per subscription however fast acks come, and
+/// a crash replays at most what finished in the last few milliseconds.
+const PROMPT_COMMIT_GAP: Duration = Duration::from_millis(5);
+
 /// Records handed to the stream under one lock.
 const CHUNK: usize = 32;
 
@@ -90,6 +100,9 @@ struct Shared {
     ready: Arc<Notify>,
     /// Ackers and rebalances → driver: unfinished deliveries went down.
     room: Arc<Notify>,
+    /// Ackers → driver: something finished, commit it (at most once per
+    /// [`PROMPT_COMMIT_GAP`]).
+    commit: Arc<Notify>,
     /// True once the first assignment (possibly empty) arrived.
     assigned: watch::Sender<bool>,
     /// Assignments so far: the driver re-pauses after one.
@@ -111,11 +124,18 @@ struct State {
     room: Arc<Notify>,
     /// The stream's [`Shared::ready`].
     ready: Arc<Notify>,
+    /// The driver's [`Shared::commit`].
+    commit: Arc<Notify>,
     /// Acks wake the driver stopped at the prefetch bound only once the
     /// unfinished deliveries fall to this many (half the bound): it then
     /// refills in one burst instead of trading one wake-up per ack.
     resume_at: usize,
     buffer: VecDeque<Buffered>,
+    /// Until when a recovering partition's records wait for the others
+    /// (set at the first wait of a recovery).
+    hold_until: Option<tokio::time::Instant>,
+    /// The stream holds records back now (see [`State::held`]).
+    holding: bool,
     failure: Option<BrokerError>,
     finished: bool,
 }
@@ -182,8 +202,11 @@ type Acked = (i32, i64, Token);
 
 impl Apply<Acked> for State {
     fn apply(&mut self, acks: std::vec::Drain<'_, Acked>) {
+        let mut finished = false;
         for (partition, offset, token) in acks {
-            if !self.tracker.ack(partition, offset, token) {
+            if self.tracker.ack(partition, offset, token) {
+                finished = true;
+            } else {
                 tracing::debug!(
                     partition,
                     offset,
@@ -193,6 +216,10 @@ impl Apply<Acked> for State {
         }
         if self.tracker.pending() <= self.resume_at {
             self.room.notify_one();
+        }
+        // Committed promptly: a crash re-delivers little that finished.
+        if finished {
+            self.commit.notify_one();
         }
         // One at a time: the next hand-out waits for this.
         if self.counts.serial() {
@@ -209,9 +236,16 @@ enum Step {
     Wait,
     /// Commit these positions (asynchronously) first.
     Commit(Vec<(i32, i64)>),
+    /// Commit synchronously what the broker has not confirmed first (taken
+    /// by the stream when it does so), before a suspect record: what
+    /// finished stays finished if the suspect kills the process.
+    SyncCommit,
+    /// A recovering partition's record waits for the other partitions
+    /// until then (or a wake-up).
+    Hold(tokio::time::Instant),
     /// Read the stored delivery counts of these partitions (and epochs).
     Read(Vec<(i32, u64)>),
-    /// Store the front record's delivery count first.
+    /// Store the delivery count of the record with hand-out `token` first.
     Store {
         partition: i32,
         token: Token,
@@ -221,8 +255,16 @@ enum Step {
 
 impl State {
     /// Deliveries handed out and not settled yet.
+    /// Counted exactly, from the hand-out tokens (pending minus buffered
+    /// is not: a buffered copy can outlive its slot): asked only while a
+    /// partition recovers, before each hand-out.
     fn in_flight(&self) -> usize {
-        self.tracker.pending().saturating_sub(self.buffer.len())
+        let buffered: std::collections::HashSet<Token> =
+            self.buffer.iter().map(|b| b.token).collect();
+        self.tracker
+            .pending_tokens()
+            .filter(|token| !buffered.contains(token))
+            .count()
     }
 
     /// True when no delivery of `partition` is handed out and unsettled.
@@ -247,11 +289,62 @@ impl State {
             .collect()
     }
 
-    /// Hands out the front record, once its partition's count is read and
+    /// Partitions whose buffered records are held back for the other
+    /// partitions (see [`crate::deliveries::HOLD`]): the driver does not
+    /// count them against the prefetch bound, and pauses them.
+    fn held(&self) -> Vec<i32> {
+        if !self.holding {
+            return Vec::new();
+        }
+        let mut held: Vec<i32> = self
+            .buffer
+            .iter()
+            .map(|b| b.partition)
+            .filter(|&p| self.counts.recovering(p))
+            .collect();
+        held.sort_unstable();
+        held.dedup();
+        held
+    }
+
+    /// While serial: the buffered record to hand out next (the first of
+    /// its partition, the least suspect of those, the earliest of equals),
+    /// and its suspicion. A record decided already goes first.
+    fn choose(&self) -> (usize, u32) {
+        let mut best = (0, u32::MAX);
+        let mut seen: Vec<i32> = Vec::new();
+        for (i, b) in self.buffer.iter().enumerate() {
+            if seen.contains(&b.partition) {
+                continue;
+            }
+            seen.push(b.partition);
+            let suspicion = match b.attempt {
+                Some(_) => return (i, 0),
+                None => self.counts.suspicion(b.partition, b.offset),
+            };
+            if suspicion < best.1 {
+                best = (i, suspicion);
+            }
+        }
+        best
+    }
+
+    /// Hands out the next record, once its partition's count is read and
     /// its own stored; while a partition recovers, only when nothing is in
     /// flight, after committing what finished (`commit`: not done yet in
-    /// this call of `next`).
+    /// this call of `next`), and records of other partitions first.
     fn next_step(&mut self, commit: bool) -> Step {
+        // Settled: nothing in flight, and nothing decided but not handed
+        // out yet (a decided record counts as handed out for its recovery).
+        if self.counts.serial()
+            && self.in_flight() == 0
+            && self.buffer.iter().all(|b| b.attempt.is_none())
+        {
+            self.counts.settle();
+        }
+        if !self.counts.serial() {
+            self.hold_until = None;
+        }
         if self.buffer.is_empty() {
             return match (self.failure.take(), self.finished) {
                 (Some(e), _) => Step::Failed(e),
@@ -259,38 +352,73 @@ impl State {
                 (None, false) => Step::Wait,
             };
         }
+        let mut at = 0;
+        self.holding = false;
         if self.counts.serial() {
             if self.in_flight() > 0 {
                 return Step::Wait;
             }
-            let commits = if commit {
-                self.tracker.take_commits()
-            } else {
-                Vec::new()
+            let (chosen, suspicion) = self.choose();
+            at = chosen;
+            let suspect = suspicion > 0;
+            let partition = self.buffer.get(at).map_or(-1, |b| b.partition);
+            let buffer = &self.buffer;
+            if suspect
+                && self
+                    .counts
+                    .others_behind(partition, |q| buffer.iter().any(|b| b.partition == q))
+            {
+                let now = tokio::time::Instant::now();
+                let until = *self.hold_until.get_or_insert(now + crate::deliveries::HOLD);
+                if now < until {
+                    self.holding = true;
+                    return Step::Hold(until);
+                }
+            }
+            // Before a suspect, everything the broker has not confirmed:
+            // an asynchronous commit may be lost with the process.
+            if commit && suspect && self.tracker.has_unconfirmed() {
+                return Step::SyncCommit;
+            }
+            let commits = match commit && !suspect {
+                true => self.tracker.take_commits(),
+                false => Vec::new(),
             };
             if !commits.is_empty() {
                 return Step::Commit(commits);
             }
         }
-        let Some(front) = self.buffer.front_mut() else {
+        let Some(chosen) = self.buffer.get(at) else {
             return Step::Wait;
         };
-        if front.attempt.is_none() {
-            if !self.counts.is_read(front.partition) {
+        let (partition, offset) = (chosen.partition, chosen.offset);
+        if chosen.attempt.is_none() {
+            if !self.counts.is_read(partition) {
                 return Step::Read(self.counts.unread());
             }
-            let decision = self.counts.hand_out(front.partition, front.offset);
-            front.attempt = Some(decision.attempt);
-            front.store = decision.store;
+            let ahead = self
+                .buffer
+                .iter()
+                .filter(|b| b.partition == partition)
+                .map(|b| b.offset)
+                .max()
+                .unwrap_or(offset);
+            let decision = self.counts.hand_out(partition, offset, ahead);
+            if let Some(chosen) = self.buffer.get_mut(at) {
+                chosen.attempt = Some(decision.attempt);
+                chosen.store = decision.store;
+            }
         }
-        if let Some(value) = front.store {
-            return Step::Store {
-                partition: front.partition,
-                token: front.token,
-                value,
-            };
+        if let Some(chosen) = self.buffer.get(at) {
+            if let Some(value) = chosen.store {
+                return Step::Store {
+                    partition,
+                    token: chosen.token,
+                    value,
+                };
+            }
         }
-        match self.buffer.pop_front() {
+        match self.buffer.remove(at) {
             Some(b) => Step::Deliver(b),
             None => Step::Wait,
         }
@@ -346,15 +474,19 @@ impl ConsumerContext for GroupContext {
                 tracing::info!(topic = %self.shared.topic, ?partitions, "partitions revoked");
                 // A lost assignment belongs to someone else already: committing would fail.
                 let lost = consumer.assignment_lost();
+                let mut committed = true;
                 if !commits.is_empty() && !lost {
                     let tpl = offsets_list(&self.shared.topic, &commits);
                     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        committed = false;
                         tracing::warn!(error = %e, "commit on revoke failed; finished messages may be redelivered");
                     }
                 }
                 // Finished cleanly: the next owner need not recover. If this
-                // is lost, it only recovers for nothing.
-                if !clean.is_empty() && !lost {
+                // is lost, it only recovers for nothing. Not when the commit
+                // failed: the next owner reads settled records again, and
+                // must count them (a dead-lettered poison, say).
+                if !clean.is_empty() && !lost && committed {
                     if let Err(e) = self.counts.store(&clean, CommitMode::Async) {
                         tracing::warn!(error = %e, "storing delivery counts on revoke failed");
                     }
@@ -399,6 +531,14 @@ impl ConsumerContext for GroupContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if result.is_ok() {
+            let mut state = self.shared.lock();
+            for elem in offsets.elements_for_topic(&self.shared.topic) {
+                if let Offset::Offset(o) = elem.offset() {
+                    state.tracker.commit_confirmed(elem.partition(), o);
+                }
+            }
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed; will retry");
             let mut state = self.shared.lock();
@@ -434,6 +574,7 @@ pub(crate) async fn open(
     let prefetch = subscription.prefetch.max(1);
     let room = Arc::new(Notify::new());
     let ready = Arc::new(Notify::new());
+    let commit = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         topic: subscription.topic.as_str().into(),
         state: Combining::new(State {
@@ -441,13 +582,17 @@ pub(crate) async fn open(
             counts: DeliveryCounts::new(prefetch, subscription.isolate_redeliveries),
             room: room.clone(),
             ready: ready.clone(),
+            commit: commit.clone(),
             resume_at: prefetch / 2,
             buffer: VecDeque::new(),
+            hold_until: None,
+            holding: false,
             failure: None,
             finished: false,
         }),
         ready,
         room,
+        commit,
         assigned,
         closed: AtomicBool::new(false),
         assignments: AtomicU64::new(0),
@@ -520,12 +665,29 @@ async fn drive(
     let mut tick = tokio::time::interval(options.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = false;
+    // Recovering partitions paused while their records are held back.
+    let mut held_paused: Vec<i32> = Vec::new();
+    let mut last_commit = tokio::time::Instant::now();
+    // An ack finished something since the last commit.
+    let mut commit_due = false;
     let mut full_since: Option<tokio::time::Instant> = None;
     let mut seen_assignments = 0u64;
     let mut last_error: Option<String> = None;
     let mut records = consumer.stream();
     let outcome = 'drive: loop {
-        let pending = shared.lock().tracker.pending();
+        let (pending, held) = {
+            let state = shared.lock();
+            let held = state.held();
+            let held_records = match held.is_empty() {
+                true => 0,
+                false => state
+                    .buffer
+                    .iter()
+                    .filter(|b| held.binary_search(&b.partition).is_ok())
+                    .count(),
+            };
+            (state.tracker.pending().saturating_sub(held_records), held)
+        };
         let full = pending >= prefetch;
         match (full, full_since) {
             (true, None) => full_since = Some(tokio::time::Instant::now()),
@@ -534,6 +696,7 @@ async fn drive(
                 if paused {
                     set_paused(&consumer, false);
                     paused = false;
+                    held_paused.clear();
                 }
             }
             _ => {}
@@ -542,10 +705,19 @@ async fn drive(
         let assignments = shared.assignments.load(Ordering::Acquire);
         if assignments != seen_assignments {
             seen_assignments = assignments;
+            held_paused.clear();
             if paused {
                 set_paused(&consumer, true);
             }
         }
+        // Held records of a recovering partition stay out of the bound, so
+        // that the other partitions' records come in; its partition is
+        // paused meanwhile, so that no more of it come.
+        if !paused && held != held_paused {
+            pause_partitions(&consumer, &shared.topic, &held, &held_paused);
+            held_paused = held;
+        }
+        let commit_at = commit_due.then(|| last_commit + PROMPT_COMMIT_GAP);
         // At the bound, stop taking records. Briefly just stop polling (the
         // application usually frees room within milliseconds, and librdkafka
         // keeps what it fetched); after PAUSE_AFTER pause the partitions and
@@ -555,7 +727,16 @@ async fn drive(
             biased;
             // Resolves on `send` (close) and on drop of the stream alike.
             _ = &mut stop => break Ok(()),
-            _ = tick.tick() => commit_finished(&consumer, &shared),
+            _ = tick.tick() => {
+                last_commit = tokio::time::Instant::now();
+                commit_finished(&consumer, &shared);
+            }
+            _ = shared.commit.notified(), if !commit_due => commit_due = true,
+            _ = sleep_until_opt(commit_at) => {
+                commit_due = false;
+                last_commit = tokio::time::Instant::now();
+                commit_finished(&consumer, &shared);
+            }
             _ = shared.room.notified(), if full => {}
             _ = sleep_until_opt(pause_at), if full && !paused => {
                 set_paused(&consumer, true);
@@ -632,9 +813,12 @@ async fn drive(
                 .commit(&offsets_list(&topic, &commits), CommitMode::Sync)
                 .map_err(|e| BrokerError::backend("kafka", e)),
         };
-        // Partitions with nothing abandoned finished cleanly.
-        if let Err(e) = counts.store(&clean, CommitMode::Sync) {
-            tracing::warn!(error = %e, "storing delivery counts at close failed");
+        // Partitions with nothing abandoned finished cleanly (if what
+        // finished is committed: see the revoke).
+        if result.is_ok() {
+            if let Err(e) = counts.store(&clean, CommitMode::Sync) {
+                tracing::warn!(error = %e, "storing delivery counts at close failed");
+            }
         }
         drop(counts);
         // Leaves the group: its partitions go to the other members at once.
@@ -678,10 +862,19 @@ fn hand_over(shared: &Shared, chunk: &mut Vec<Polled>) {
     }
     let was_empty = {
         let mut state = shared.lock();
-        let was_empty = state.buffer.is_empty();
+        // A stream holding records back waits for these too.
+        let was_empty = state.buffer.is_empty() || state.holding;
         for record in chunk.drain(..) {
-            let token = state.tracker.received(record.partition, record.offset);
-            state.buffer.push_back(Buffered::polled(record, token));
+            match state.tracker.received_new(record.partition, record.offset) {
+                Some(token) => state.buffer.push_back(Buffered::polled(record, token)),
+                None => {
+                    tracing::debug!(
+                        partition = record.partition,
+                        offset = record.offset,
+                        "record received again while pending; the first copy stays"
+                    )
+                }
+            }
         }
         was_empty
     };
@@ -690,14 +883,14 @@ fn hand_over(shared: &Shared, chunk: &mut Vec<Polled>) {
     }
 }
 
-/// librdkafka reached the end of `partition`: a recovery of it ends (once
-/// what was received is handed out).
+/// librdkafka reached the end of `partition`: a recovery of it may end
+/// (once what was received is handed out and settled), and records held
+/// back for it need not wait any more.
 fn caught_up(shared: &Shared, partition: i32) {
     let mut state = shared.lock();
-    let serial = state.counts.serial();
     let last = state.tracker.last_received(partition);
     state.counts.caught_up(partition, last);
-    if serial && !state.counts.serial() {
+    if state.holding {
         shared.ready.notify_one();
     }
 }
@@ -723,16 +916,34 @@ fn is_fatal(e: &KafkaError) -> bool {
         )
 }
 
-fn set_paused(consumer: &GroupConsumer, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
+/// Pauses the partitions of `held` not in `was`, resumes those of `was`
+/// not in `held` (both sorted).
+fn pause_partitions(consumer: &GroupConsumer, topic: &str, held: &[i32], was: &[i32]) {
+    let list = |from: &[i32], without: &[i32]| {
+        let mut tpl = TopicPartitionList::new();
+        for p in from.iter().filter(|p| without.binary_search(p).is_err()) {
+            tpl.add_partition(topic, *p);
+        }
+        tpl
     };
-    if assignment.count() == 0 {
+    pause_or_resume(consumer, &list(held, was), true);
+    pause_or_resume(consumer, &list(was, held), false);
+}
+
+fn set_paused(consumer: &GroupConsumer, pause: bool) {
+    if let Ok(assignment) = consumer.assignment() {
+        pause_or_resume(consumer, &assignment, pause);
+    }
+}
+
+/// Pauses (or resumes) the partitions of `tpl`, if any.
+fn pause_or_resume(consumer: &GroupConsumer, tpl: &TopicPartitionList, pause: bool) {
+    if tpl.count() == 0 {
         return;
     }
     let result = match pause {
-        true => consumer.pause(&assignment),
-        false => consumer.resume(&assignment),
+        true => consumer.pause(tpl),
+        false => consumer.resume(tpl),
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, pause, "pause/resume failed");

@@ -5,34 +5,49 @@
 //! The backend keeps the count itself, in a companion consumer group
 //! [`counts_group`] (`{group}.delivery-counts`) that never has members: per
 //! partition of the topic, that group's committed offset holds one integer
-//! packing the *head* record's offset and how often it was handed out
-//! without being settled ([`encode`]). A standalone client of that group
+//! ([`encode`], one of [`Stored`]). A standalone client of that group
 //! commits and reads it ([`CountStore`]); Kafka accepts such commits for a
-//! group without members and does not check the values.
+//! group without members and does not check the values (tansu drops
+//! commit metadata, so everything lives in the offset itself).
 //!
-//! What the subscription does ([`DeliveryCounts`], pure logic):
+//! The stored value says which records of the partition the last owner
+//! may have handed out without settling them:
 //!
-//! - The first time it hands out a partition's records in an assignment
-//!   (and a partition is assigned), it reads the stored head `(S, k)`.
-//! - The first record handed out, at offset `o`, is stored as the head
-//!   `(o, n + 1)` *before* it is handed out, where `n = k` if `o == S`
-//!   and 0 otherwise; the delivery carries `attempt = n + 1`. That is one
-//!   read and one synchronous commit per assignment and partition: nothing
-//!   per message in normal operation.
-//! - A clean revoke or close of a partition with nothing handed out and
-//!   unsettled stores count 0 ("finished cleanly").
-//! - A stored count of 1 or more therefore says the previous owner did not
-//!   finish cleanly (it crashed, was killed, lost the partition or abandoned
-//!   deliveries). The partition is then *recovering*: the whole
-//!   subscription hands out one record at a time (the next only once
-//!   nothing is in flight, after committing what finished), and every
-//!   record at or after `S` is stored as the new head before it is handed
-//!   out. A crash then lands on the record that caused it, which stays the
-//!   head and counts up; records below `S` were settled by the previous
-//!   owner (they were handed out one at a time before `S` was stored) and
-//!   are handed out uncounted. Recovery ends after twice the prefetch of
-//!   counted records, or when the partition is caught up (librdkafka's
-//!   partition EOF, once the records received before it are handed out).
+//! - [`Stored::Window`] `X`: handing out in parallel (normal operation),
+//!   it handed out at most every record up to `X`, each once. Before a
+//!   record past the stored `X` is handed out, the stream stores a new `X`
+//!   covering every record of the partition it holds (received, next in
+//!   line): one synchronous commit per refill of a partition's records,
+//!   nothing else per message.
+//! - [`Stored::Head`] `(S, k)`: handing out one record at a time (a
+//!   recovery), it handed out `S`, `k` times unsettled in all, and nothing
+//!   after it; everything before `S` was settled before `S` was stored.
+//! - [`Stored::Clean`]: it released the partition with nothing unsettled.
+//!
+//! So after a crash, every record that was in flight lies between the
+//! group's committed offset and the stored position, however far from the
+//! commit it sits. The next owner *recovers* such a partition: the whole
+//! subscription hands out one record at a time (the next only once nothing
+//! is in flight, after committing what finished), and each record the
+//! last owner may have left unsettled is stored as the new head before it
+//! is handed out, with `attempt` = its count: 2 for a record of a window
+//! (its hand-out there was the first), `k + 1` for the head `S`. A crash
+//! then lands on the record that caused it, which stays the head and
+//! counts up until the delivery limit dead-letters it. The recovery ends
+//! once it is past the stored position (or caught up) with nothing in
+//! flight; then the partition stores windows again.
+//!
+//! A record of a window that had finished but whose commit had not landed
+//! yet at the crash is counted too (attempt 2 once); so is one received
+//! but not handed out yet. With a delivery limit of 2 or more that only
+//! shows in `attempt`; with a limit of 1 such a record is dead-lettered.
+//! The driver commits finished offsets promptly (see `consumer`), which
+//! keeps that set small.
+//!
+//! While a partition recovers, the stream hands out records of the other
+//! partitions first (a suspect record waits until they are caught up, for
+//! at most [`HOLD`]): a record that kills the process does not starve its
+//! neighbours in other partitions.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -48,40 +63,67 @@ use crate::client_config::{client_config, config_error, Role};
 use crate::context::{error_limited, log_limited, LogLimiter};
 use rdkafka::config::RDKafkaLogLevel;
 
-/// Bits of the stored value that hold the count; the offset is above them.
+/// Bits of the stored value below the offset: the count, or the window flag.
 const COUNT_BITS: u32 = 10;
+
+/// Marks a stored value as a [`Stored::Window`] (the top bit of the count
+/// field: values of earlier versions, heads with counts below it, still
+/// read as heads).
+const WINDOW: i64 = 1 << (COUNT_BITS - 1);
 
 /// Highest count stored: counts saturate there (a delivery limit above it
 /// is never reached through crashes).
-pub(crate) const MAX_COUNT: u32 = (1 << COUNT_BITS) - 1;
+pub(crate) const MAX_COUNT: u32 = (1 << (COUNT_BITS - 1)) - 1;
+
+/// How long a recovering partition's next record waits for the other
+/// partitions to catch up before it is handed out anyway.
+pub(crate) const HOLD: Duration = Duration::from_secs(3);
 
 /// The companion consumer group keeping the delivery counts of `group`.
 pub(crate) fn counts_group(group: &str) -> String {
     format!("{group}.delivery-counts")
 }
 
-/// Packs a head record's offset and its count into one committable offset
-/// (`offset << 10 | count`, the count capped at [`MAX_COUNT`]). Offsets
-/// up to 2^53 fit.
-pub(crate) fn encode(offset: i64, count: u32) -> i64 {
-    (offset.max(0) << COUNT_BITS) | i64::from(count.min(MAX_COUNT))
-}
-
-/// The head stored in a committed offset of the companion group; `None`
-/// when nothing was stored (librdkafka reports a negative logical offset).
-pub(crate) fn decode(value: i64) -> Option<Head> {
-    (value >= 0).then(|| Head {
-        offset: value >> COUNT_BITS,
-        count: (value & i64::from(MAX_COUNT)) as u32,
-    })
-}
-
-/// A partition's head record: the last one stored before it was handed out.
+/// What the last owner of a partition left, as stored (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Head {
-    pub offset: i64,
-    /// Hand-outs of it that were not settled, this one included.
-    pub count: u32,
+pub(crate) enum Stored {
+    /// Released with nothing unsettled; `offset` is where it was.
+    Clean { offset: i64 },
+    /// Handed out alone, `count` times unsettled (this one included).
+    Head { offset: i64, count: u32 },
+    /// Every record up to `end` may have been handed out once.
+    Window { end: i64 },
+}
+
+/// Packs a stored state into one committable offset (`offset << 10 |
+/// count`, a window's flag in bit 9, the count capped at [`MAX_COUNT`]).
+/// Offsets up to 2^53 fit.
+pub(crate) fn encode(stored: Stored) -> i64 {
+    match stored {
+        Stored::Clean { offset } => offset.max(0) << COUNT_BITS,
+        Stored::Head { offset, count } => {
+            (offset.max(0) << COUNT_BITS) | i64::from(count.clamp(1, MAX_COUNT))
+        }
+        Stored::Window { end } => (end.max(0) << COUNT_BITS) | WINDOW,
+    }
+}
+
+/// The state stored in a committed offset of the companion group; `None`
+/// when nothing was stored (librdkafka reports a negative logical offset).
+pub(crate) fn decode(value: i64) -> Option<Stored> {
+    if value < 0 {
+        return None;
+    }
+    let offset = value >> COUNT_BITS;
+    let low = value & ((1 << COUNT_BITS) - 1);
+    Some(match low {
+        0 => Stored::Clean { offset },
+        _ if low & WINDOW != 0 => Stored::Window { end: offset },
+        count => Stored::Head {
+            offset,
+            count: count as u32,
+        },
+    })
 }
 
 /// What to do with a record before handing it out.
@@ -98,28 +140,62 @@ impl HandOut {
         attempt: 1,
         store: None,
     };
+
+    fn storing(attempt: u32, stored: Stored) -> Self {
+        HandOut {
+            attempt,
+            store: Some(encode(stored)),
+        }
+    }
+}
+
+/// A partition's recovery from an unclean finish: what the last owner may
+/// have left unsettled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Its head `offset`, handed out `count` times.
+    Head { offset: i64, count: u32 },
+    /// Every record up to `end`, once.
+    Window { end: i64 },
+    /// Not known (the read failed): count from scratch, `left` records.
+    Unknown { left: usize },
 }
 
 #[derive(Debug)]
 struct Partition {
     /// Tells reads of one assignment from those of a later one.
     epoch: u64,
-    /// `None` until read; then the stored head, if any.
-    stored: Option<Option<Head>>,
-    /// A record was handed out in this assignment.
-    handed_out: bool,
-    /// This assignment stored a head: it may mark the partition clean.
-    wrote: bool,
-    /// One record at a time, each counted (see the module doc).
-    recovering: bool,
-    /// Counted records left before recovery ends.
-    left: usize,
+    /// False until the stored state is read.
+    read: bool,
+    /// Recovering (see the module doc): one record at a time, each counted.
+    recovery: Option<Recovery>,
+    /// End of the window this assignment stored, if it stored one since
+    /// its recovery (if any) ended.
+    window: Option<i64>,
+    /// This assignment stored something: it may mark the partition clean.
+    wrote: Option<i64>,
     /// The last offset handed out in this assignment.
     last: Option<i64>,
-    /// Caught up: recovery ends once the record at this offset is handed out.
+    /// Caught up: recovery may end once the record at this offset is out.
     end_at: Option<i64>,
     /// Caught up with every received record handed out.
     caught_up: bool,
+    /// librdkafka reported the partition's end at least once.
+    eof_seen: bool,
+}
+
+impl Partition {
+    /// The recovery has nothing left to count.
+    fn recovered(&self) -> bool {
+        let past = |end: i64| self.last.is_some_and(|last| last >= end);
+        match self.recovery {
+            None => true,
+            _ if self.caught_up => true,
+            Some(Recovery::Head { offset, .. }) => past(offset),
+            Some(Recovery::Window { end }) => past(end),
+            Some(Recovery::Unknown { left }) => left == 0,
+        }
+    }
 }
 
 /// Delivery counts of the partitions a subscription owns (pure logic: the
@@ -127,7 +203,7 @@ struct Partition {
 #[derive(Debug)]
 pub(crate) struct DeliveryCounts {
     partitions: BTreeMap<i32, Partition>,
-    /// Counted records a recovery lasts at most: twice the prefetch.
+    /// Counted records a recovery of unknown extent lasts: twice the prefetch.
     budget: usize,
     next_epoch: u64,
     /// Some partition recovers (kept up to date: asked per message).
@@ -138,11 +214,11 @@ pub(crate) struct DeliveryCounts {
 }
 
 impl DeliveryCounts {
-    /// Recovery lasts at most `2 × prefetch` counted records. Disabled
-    /// (`enabled` false), nothing is counted, read or stored: every
-    /// delivery is attempt 1 and nothing is handed out one at a time (a
-    /// reader that holds deliveries unsettled, such as a listing, would
-    /// otherwise get one record).
+    /// A recovery whose extent is unknown (failed read) lasts `2 ×
+    /// prefetch` counted records. Disabled (`enabled` false), nothing is
+    /// counted, read or stored: every delivery is attempt 1 and nothing is
+    /// handed out one at a time (a reader that holds deliveries unsettled,
+    /// such as a listing, would otherwise get one record).
     pub(crate) fn new(prefetch: usize, enabled: bool) -> Self {
         DeliveryCounts {
             partitions: BTreeMap::new(),
@@ -153,7 +229,7 @@ impl DeliveryCounts {
         }
     }
 
-    /// The partition was assigned: its stored head is to be read.
+    /// The partition was assigned: its stored state is to be read.
     pub(crate) fn assign(&mut self, partition: i32) {
         if !self.enabled {
             return;
@@ -163,14 +239,14 @@ impl DeliveryCounts {
             partition,
             Partition {
                 epoch: self.next_epoch,
-                stored: None,
-                handed_out: false,
-                wrote: false,
-                recovering: false,
-                left: self.budget,
+                read: false,
+                recovery: None,
+                window: None,
+                wrote: None,
                 last: None,
                 end_at: None,
                 caught_up: false,
+                eof_seen: false,
             },
         );
         self.update();
@@ -179,22 +255,20 @@ impl DeliveryCounts {
     /// Recomputes [`Self::serial`] after a partition's recovery may have
     /// changed.
     fn update(&mut self) {
-        self.serial = self.partitions.values().any(|p| p.recovering);
+        self.serial = self.partitions.values().any(|p| p.recovery.is_some());
     }
 
     /// True when records of `partition` may be handed out without reading
     /// first (read already, or not owned: then nothing is counted).
     pub(crate) fn is_read(&self, partition: i32) -> bool {
-        self.partitions
-            .get(&partition)
-            .is_none_or(|p| p.stored.is_some())
+        self.partitions.get(&partition).is_none_or(|p| p.read)
     }
 
     /// The owned partitions not read yet, with their assignment epoch.
     pub(crate) fn unread(&self) -> Vec<(i32, u64)> {
         self.partitions
             .iter()
-            .filter(|(_, p)| p.stored.is_none())
+            .filter(|(_, p)| !p.read)
             .map(|(&partition, p)| (partition, p.epoch))
             .collect()
     }
@@ -204,21 +278,24 @@ impl DeliveryCounts {
     /// (`Err`) counts as an unclean finish: the partition recovers, with
     /// counts starting over.
     pub(crate) fn read(&mut self, partition: i32, epoch: u64, value: Result<Option<i64>, ()>) {
+        let budget = self.budget;
         let Some(p) = self.partitions.get_mut(&partition) else {
             return;
         };
-        if p.epoch != epoch || p.stored.is_some() {
+        if p.epoch != epoch || p.read {
             return;
         }
-        let (stored, unclean) = match value {
-            Ok(value) => {
-                let head = value.and_then(decode);
-                (head, head.is_some_and(|h| h.count > 0))
-            }
-            Err(()) => (None, true),
+        p.read = true;
+        let recovery = match value {
+            Ok(value) => match value.and_then(decode) {
+                None | Some(Stored::Clean { .. }) => None,
+                Some(Stored::Head { offset, count }) => Some(Recovery::Head { offset, count }),
+                Some(Stored::Window { end }) => Some(Recovery::Window { end }),
+            },
+            Err(()) => Some(Recovery::Unknown { left: budget }),
         };
-        p.stored = Some(stored);
-        p.recovering = unclean && !p.caught_up;
+        // Caught up before anything was read (nothing to replay): no recovery.
+        p.recovery = recovery.filter(|_| !p.caught_up);
         self.update();
     }
 
@@ -227,77 +304,139 @@ impl DeliveryCounts {
         self.serial
     }
 
+    /// True while `partition` recovers.
+    pub(crate) fn recovering(&self, partition: i32) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|p| p.recovery.is_some())
+    }
+
+    /// How suspect the record at `offset` of `partition` is, as the next
+    /// of its partition to hand out: 0 when the last owner settled it or
+    /// never handed it out, else the hand-outs it may have had unsettled.
+    /// While serial, the least suspect record goes first.
+    pub(crate) fn suspicion(&self, partition: i32, offset: i64) -> u32 {
+        let Some(p) = self.partitions.get(&partition) else {
+            return 0;
+        };
+        match p.recovery {
+            Some(Recovery::Head {
+                offset: head,
+                count,
+            }) if offset == head => count,
+            Some(Recovery::Window { end }) if offset <= end => 1,
+            Some(Recovery::Unknown { .. }) => 1,
+            _ => 0,
+        }
+    }
+
+    /// True while an owned partition other than `partition`, for which
+    /// `has_records` is false, has not reached its end yet: a suspect
+    /// record of `partition` waits for that one's records (see [`HOLD`]).
+    pub(crate) fn others_behind(&self, partition: i32, has_records: impl Fn(i32) -> bool) -> bool {
+        self.partitions
+            .iter()
+            .any(|(&q, p)| q != partition && !p.eof_seen && !has_records(q))
+    }
+
+    /// Nothing is in flight, nor decided and not handed out yet: ends the
+    /// recoveries that have nothing left to count (past the stored
+    /// position, out of budget, or caught up).
+    pub(crate) fn settle(&mut self) {
+        let mut changed = false;
+        for p in self.partitions.values_mut() {
+            if p.recovery.is_some() && p.recovered() {
+                p.recovery = None;
+                p.window = None;
+                changed = true;
+            }
+        }
+        if changed {
+            self.update();
+        }
+    }
+
     /// The record at `offset` of `partition` is about to be handed out for
     /// the first time in this assignment (records are decided in offset
-    /// order per partition; the partition must be read, see [`Self::is_read`]).
-    pub(crate) fn hand_out(&mut self, partition: i32, offset: i64) -> HandOut {
+    /// order per partition; the partition must be read, see
+    /// [`Self::is_read`]; while [`Self::serial`], only with nothing in
+    /// flight). `ahead`: the highest offset of the partition held for
+    /// handing out (at least `offset`), which a window stored now covers.
+    pub(crate) fn hand_out(&mut self, partition: i32, offset: i64, ahead: i64) -> HandOut {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return HandOut::PLAIN;
         };
-        let was_recovering = p.recovering;
-        let stored = p.stored.flatten();
-        let counted = match (p.recovering, stored) {
-            // Settled by the previous owner before it stored `S`.
-            (true, Some(head)) => offset >= head.offset,
-            (true, None) => true,
-            (false, _) => !p.handed_out,
-        };
-        p.handed_out = true;
         p.last = Some(offset);
+        let counted = match p.recovery {
+            // Settled by the last owner before it stored its head.
+            Some(Recovery::Head { offset: head, .. }) if offset < head => Some(HandOut::PLAIN),
+            Some(Recovery::Head {
+                offset: head,
+                count,
+            }) if offset == head => {
+                let count = count.saturating_add(1).min(MAX_COUNT);
+                Some(HandOut::storing(count, Stored::Head { offset, count }))
+            }
+            Some(Recovery::Window { end }) if offset <= end => {
+                Some(HandOut::storing(2, Stored::Head { offset, count: 2 }))
+            }
+            Some(Recovery::Unknown { left }) => {
+                p.recovery = Some(Recovery::Unknown {
+                    left: left.saturating_sub(1),
+                });
+                Some(HandOut::storing(1, Stored::Head { offset, count: 1 }))
+            }
+            // Past what the last owner handed out: nothing to count.
+            Some(_) => {
+                p.recovery = None;
+                p.window = None;
+                None
+            }
+            None => None,
+        };
         let decision = match counted {
-            false => HandOut::PLAIN,
-            true => {
-                let earlier = stored.filter(|h| h.offset == offset).map_or(0, |h| h.count);
-                let count = earlier.saturating_add(1).min(MAX_COUNT);
-                p.stored = Some(Some(Head { offset, count }));
-                p.wrote = true;
-                if p.recovering {
-                    p.left = p.left.saturating_sub(1);
-                    p.recovering = p.left > 0;
-                }
-                HandOut {
-                    attempt: earlier.saturating_add(1),
-                    store: Some(encode(offset, count)),
-                }
+            Some(decision) => decision,
+            None if p.window.is_some_and(|end| offset <= end) => HandOut::PLAIN,
+            None => {
+                let end = ahead.max(offset);
+                p.window = Some(end);
+                HandOut::storing(1, Stored::Window { end })
             }
         };
+        if decision.store.is_some() {
+            p.wrote = Some(offset);
+        }
         if p.end_at.is_some_and(|end| offset >= end) {
-            p.recovering = false;
             p.caught_up = true;
         }
-        if was_recovering {
-            self.update();
-        }
+        self.update();
         decision
     }
 
     /// librdkafka reached the end of `partition`; `last_received` is the
-    /// last offset received from it in this assignment. Recovery ends once
-    /// that record is handed out (at once if it was).
+    /// last offset received from it in this assignment. Its recovery may
+    /// end once that record is handed out (at once if it was).
     pub(crate) fn caught_up(&mut self, partition: i32, last_received: Option<i64>) {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return;
         };
+        p.eof_seen = true;
         match last_received {
             Some(end) if p.last.is_none_or(|last| last < end) => p.end_at = Some(end),
-            _ => {
-                p.recovering = false;
-                p.caught_up = true;
-            }
+            _ => p.caught_up = true,
         }
-        self.update();
     }
 
     /// The partition is revoked or the subscription closes. `settled`: no
     /// delivery of it is handed out and unsettled. Returns the value that
-    /// marks it as finished cleanly (count 0), to store, when this
-    /// assignment stored a head; otherwise the stored head stays as it is,
-    /// so that the next owner counts on.
+    /// marks it as finished cleanly, to store, when this assignment stored
+    /// something; otherwise the stored state stays as it is, so that the
+    /// next owner counts on.
     pub(crate) fn release(&mut self, partition: i32, settled: bool) -> Option<i64> {
         let p = self.partitions.remove(&partition)?;
         self.update();
-        let head = p.stored.flatten()?;
-        (p.wrote && settled).then(|| encode(head.offset, 0))
+        let offset = p.window.or(p.wrote)?;
+        settled.then(|| encode(Stored::Clean { offset }))
     }
 
     /// The owned partitions.
@@ -423,38 +562,78 @@ mod tests {
         c.assign(0);
         assert!(c.unread().is_empty(), "nothing to read");
         assert!(c.is_read(0));
-        assert_eq!(c.hand_out(0, 7), HandOut::PLAIN);
-        assert_eq!(c.hand_out(0, 8), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 7, 9), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 8, 9), HandOut::PLAIN);
         assert!(!c.serial());
         assert_eq!(c.release(0, false), None);
     }
 
-    /// Reads `stored` (raw) for partition 0 of a fresh assignment.
-    fn assigned(stored: Option<i64>) -> DeliveryCounts {
+    /// Reads `stored` for partition 0 of a fresh assignment.
+    fn assigned(stored: Option<Stored>) -> DeliveryCounts {
         let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         let epoch = c.unread()[0].1;
-        c.read(0, epoch, Ok(stored));
+        c.read(0, epoch, Ok(stored.map(encode)));
         c
     }
 
-    fn counted(attempt: u32, offset: i64, count: u32) -> HandOut {
+    fn head(attempt: u32, offset: i64, count: u32) -> HandOut {
         HandOut {
             attempt,
-            store: Some(encode(offset, count)),
+            store: Some(encode(Stored::Head { offset, count })),
         }
+    }
+
+    fn window(end: i64) -> HandOut {
+        HandOut {
+            attempt: 1,
+            store: Some(encode(Stored::Window { end })),
+        }
+    }
+
+    /// The state a hand-out stored.
+    fn stored(h: HandOut) -> Option<Stored> {
+        h.store.and_then(decode)
     }
 
     #[test]
     fn encoding_round_trips_and_caps_the_count() {
-        for (offset, count) in [(0, 0), (0, 1), (7, 3), (1 << 40, 1023)] {
-            assert_eq!(decode(encode(offset, count)), Some(Head { offset, count }));
+        for stored in [
+            Stored::Clean { offset: 0 },
+            Stored::Clean { offset: 9 },
+            Stored::Head {
+                offset: 0,
+                count: 1,
+            },
+            Stored::Head {
+                offset: 7,
+                count: 3,
+            },
+            Stored::Head {
+                offset: 1 << 40,
+                count: MAX_COUNT,
+            },
+            Stored::Window { end: 0 },
+            Stored::Window { end: 1 << 40 },
+        ] {
+            assert_eq!(decode(encode(stored)), Some(stored));
         }
         assert_eq!(
-            decode(encode(5, 5000)),
-            Some(Head {
+            decode(encode(Stored::Head {
+                offset: 5,
+                count: 5000
+            })),
+            Some(Stored::Head {
                 offset: 5,
                 count: MAX_COUNT
+            })
+        );
+        // A head stored by the earlier encoding (`offset << 10 | count`).
+        assert_eq!(
+            decode((12 << 10) | 3),
+            Some(Stored::Head {
+                offset: 12,
+                count: 3
             })
         );
         assert_eq!(decode(-1001), None);
@@ -462,102 +641,138 @@ mod tests {
     }
 
     #[test]
-    fn a_clean_start_counts_only_the_first_record() {
-        let mut c = assigned(None);
-        assert!(!c.serial());
-        assert_eq!(c.hand_out(0, 10), counted(1, 10, 1));
-        assert_eq!(c.hand_out(0, 11), HandOut::PLAIN);
-        assert_eq!(c.hand_out(0, 12), HandOut::PLAIN);
-        // After a clean finish (count 0) the same holds.
-        let mut c = assigned(Some(encode(10, 0)));
-        assert!(!c.serial());
-        assert_eq!(c.hand_out(0, 10), counted(1, 10, 1));
-        assert_eq!(c.hand_out(0, 11), HandOut::PLAIN);
+    fn a_clean_start_stores_a_window_per_refill() {
+        for start in [None, Some(Stored::Clean { offset: 3 })] {
+            let mut c = assigned(start);
+            assert!(!c.serial());
+            // 10..=12 are held: one store covers them.
+            assert_eq!(c.hand_out(0, 10, 12), window(12));
+            assert_eq!(c.hand_out(0, 11, 12), HandOut::PLAIN);
+            assert_eq!(c.hand_out(0, 12, 14), HandOut::PLAIN);
+            // 13 is past the window: the next store covers what is held then.
+            assert_eq!(c.hand_out(0, 13, 14), window(14));
+            assert!(!c.serial());
+        }
     }
 
     #[test]
     fn a_record_that_crashes_every_owner_counts_up() {
-        let mut stored = None;
-        for attempt in 1..=4 {
-            let mut c = assigned(stored);
-            assert_eq!(c.serial(), attempt > 1, "recovering after a crash");
-            let h = c.hand_out(0, 3);
-            assert_eq!(h, counted(attempt, 3, attempt));
+        // It is the first record: the window of the first owner covers it.
+        let mut c = assigned(None);
+        let mut last = stored(c.hand_out(0, 3, 6));
+        for attempt in 2..=5 {
+            let mut c = assigned(last);
+            assert!(c.serial(), "recovering after a crash");
+            let h = c.hand_out(0, 3, 6);
+            assert_eq!(h, head(attempt, 3, attempt));
             // The process dies here: the next owner reads what was stored.
-            stored = h.store;
+            last = stored(h);
         }
     }
 
     #[test]
-    fn recovery_counts_each_record_and_lands_on_the_one_that_crashed() {
-        // The previous owner stored head 10 and crashed; 10..=12 finished
-        // there but were not committed; 13 crashed it.
-        let mut c = assigned(Some(encode(10, 1)));
-        assert!(c.serial());
-        assert_eq!(c.hand_out(0, 10), counted(2, 10, 2));
-        assert_eq!(c.hand_out(0, 11), counted(1, 11, 1));
-        assert_eq!(c.hand_out(0, 12), counted(1, 12, 1));
-        let h = c.hand_out(0, 13);
-        assert_eq!(h, counted(1, 13, 1));
-        // Crash: the next owner resumes from a committed offset at or below
-        // 13 (the commits of 11..=13 may not have landed).
-        let mut c = assigned(h.store);
-        assert!(c.serial());
-        assert_eq!(
-            c.hand_out(0, 12),
-            HandOut::PLAIN,
-            "settled before 13 was stored"
-        );
-        assert_eq!(c.hand_out(0, 13), counted(2, 13, 2));
-    }
-
-    #[test]
-    fn recovery_ends_after_twice_the_prefetch() {
-        let mut c = assigned(Some(encode(0, 1)));
-        // Prefetch 2: four counted records.
-        for offset in 0..4 {
+    fn a_crash_far_past_the_commit_is_counted_where_it_happened() {
+        // The first owner handed out 0..=500 in parallel (windows up to
+        // 540) and died on 500 with nothing committed.
+        let mut c = assigned(None);
+        let mut at = 0;
+        while at <= 500 {
+            let h = c.hand_out(0, at, at + 40);
+            assert_eq!(h.attempt, 1);
+            at += 1;
+        }
+        let crashed = Stored::Window { end: 540 };
+        // The next owner re-reads from 0: each record of the window is
+        // counted once (its first hand-out was unsettled), one at a time.
+        let mut c = assigned(Some(crashed));
+        for offset in 0..500 {
             assert!(c.serial());
-            assert!(c.hand_out(0, offset).store.is_some());
+            assert_eq!(c.hand_out(0, offset, 540), head(2, offset, 2));
         }
+        let h = c.hand_out(0, 500, 540);
+        assert_eq!(h, head(2, 500, 2));
+        // It crashes again: the next owner, whose commit is at 500 or a
+        // little before, counts 500 on.
+        let mut c = assigned(stored(h));
+        assert_eq!(c.hand_out(0, 498, 540), HandOut::PLAIN, "settled before");
+        assert_eq!(c.hand_out(0, 499, 540), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 500, 540), head(3, 500, 3));
+        // Dead-lettered by the runtime and settled: past the head the
+        // recovery ends, with nothing in flight, and windows come back.
+        c.settle();
         assert!(!c.serial());
-        assert_eq!(c.hand_out(0, 4), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 501, 540), window(540));
+    }
+
+    #[test]
+    fn a_window_recovery_ends_past_its_end() {
+        let mut c = assigned(Some(Stored::Window { end: 4 }));
+        for offset in 3..=4 {
+            assert_eq!(c.hand_out(0, offset, 9), head(2, offset, 2));
+            assert!(c.serial(), "until settled");
+        }
+        c.settle();
+        assert!(!c.serial());
+        assert_eq!(c.hand_out(0, 5, 9), window(9));
+        // Committed past the window already: nothing to count.
+        let mut c = assigned(Some(Stored::Window { end: 4 }));
+        assert!(c.serial());
+        assert_eq!(c.hand_out(0, 7, 9), window(9));
+        assert!(!c.serial());
+    }
+
+    #[test]
+    fn a_recovery_from_a_head_counts_only_the_head() {
+        let mut c = assigned(Some(Stored::Head {
+            offset: 10,
+            count: 2,
+        }));
+        assert!(c.serial());
+        assert_eq!(c.hand_out(0, 9, 12), HandOut::PLAIN);
+        assert_eq!(c.hand_out(0, 10, 12), head(3, 10, 3));
+        c.settle();
+        assert!(!c.serial());
+        assert_eq!(c.hand_out(0, 11, 12), window(12));
     }
 
     #[test]
     fn recovery_ends_when_caught_up() {
-        let mut c = assigned(Some(encode(0, 1)));
-        assert_eq!(c.hand_out(0, 0), counted(2, 0, 2));
+        let mut c = assigned(Some(Stored::Window { end: 9 }));
+        assert_eq!(c.hand_out(0, 0, 1), head(2, 0, 2));
         // End of the partition after record 1, not handed out yet.
         c.caught_up(0, Some(1));
+        c.settle();
         assert!(c.serial());
-        assert_eq!(c.hand_out(0, 1), counted(1, 1, 1));
+        assert_eq!(c.hand_out(0, 1, 1), head(2, 1, 2));
+        assert!(c.serial(), "until settled");
+        c.settle();
         assert!(!c.serial());
-        assert_eq!(c.hand_out(0, 2), HandOut::PLAIN);
-        // Caught up with everything handed out: at once.
-        let mut c = assigned(Some(encode(0, 1)));
-        assert_eq!(c.hand_out(0, 0), counted(2, 0, 2));
-        c.caught_up(0, Some(0));
-        assert!(!c.serial());
+        assert_eq!(c.hand_out(0, 2, 2), window(2));
         // Caught up before anything was read (an empty partition): no
         // recovery, nothing of the old crash is left to replay.
         let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         c.caught_up(0, None);
         let epoch = c.unread()[0].1;
-        c.read(0, epoch, Ok(Some(encode(5, 2))));
+        c.read(0, epoch, Ok(Some(encode(Stored::Window { end: 5 }))));
         assert!(!c.serial());
-        assert_eq!(c.hand_out(0, 9), counted(1, 9, 1));
+        assert_eq!(c.hand_out(0, 9, 9), window(9));
     }
 
     #[test]
-    fn a_failed_read_recovers_with_fresh_counts() {
+    fn a_failed_read_recovers_with_fresh_counts_for_twice_the_prefetch() {
         let mut c = DeliveryCounts::new(2, true);
         c.assign(0);
         assert!(!c.is_read(0));
         c.read(0, c.unread()[0].1, Err(()));
         assert!(c.is_read(0));
-        assert!(c.serial());
-        assert_eq!(c.hand_out(0, 4), counted(1, 4, 1));
+        for offset in 4..8 {
+            assert!(c.serial());
+            assert_eq!(c.hand_out(0, offset, 20), head(1, offset, 1));
+        }
+        c.settle();
+        assert!(!c.serial());
+        assert_eq!(c.hand_out(0, 8, 20), window(20));
     }
 
     #[test]
@@ -566,50 +781,86 @@ mod tests {
         c.assign(0);
         let old = c.unread()[0].1;
         c.assign(0);
-        c.read(0, old, Ok(Some(encode(3, 2))));
+        c.read(0, old, Ok(Some(encode(Stored::Window { end: 3 }))));
         assert!(!c.is_read(0));
         let new = c.unread()[0].1;
         c.read(0, new, Ok(None));
         assert!(!c.serial());
         // Unowned partitions are handed out uncounted.
         assert!(c.is_read(7));
-        assert_eq!(c.hand_out(7, 1), HandOut::PLAIN);
+        assert_eq!(c.hand_out(7, 1, 1), HandOut::PLAIN);
     }
 
     #[test]
-    fn serial_while_any_partition_recovers() {
-        let mut c = assigned(Some(encode(0, 1)));
+    fn serial_while_any_partition_recovers_and_the_others_go_first() {
+        let mut c = assigned(Some(Stored::Window { end: 0 }));
         c.assign(1);
-        c.read(1, c.unread()[0].1, Ok(Some(encode(4, 1))));
+        c.read(
+            1,
+            c.unread()[0].1,
+            Ok(Some(encode(Stored::Head {
+                offset: 4,
+                count: 1,
+            }))),
+        );
         c.assign(2);
         c.read(2, c.unread()[0].1, Ok(None));
         assert!(c.serial());
+        assert!(c.recovering(0) && c.recovering(1) && !c.recovering(2));
+        assert_eq!((c.suspicion(0, 0), c.suspicion(0, 1)), (1, 0));
+        assert_eq!((c.suspicion(1, 3), c.suspicion(1, 4)), (0, 1));
+        assert_eq!(c.suspicion(2, 0), 0);
+        // 0's record waits for 2 (nothing of it held, not at its end) but
+        // not for 1, which has records held.
+        let held = |q| q == 1;
+        assert!(c.others_behind(0, held), "2 has not reached its end");
+        c.caught_up(2, None);
+        assert!(!c.others_behind(0, held));
+        assert!(c.others_behind(0, |_| false), "1 has not reached its end");
         c.caught_up(0, None);
+        c.settle();
         assert!(c.serial(), "1 still recovers");
         // A partition assigned again starts unread, not recovering.
         c.assign(1);
         assert!(!c.serial());
-        c.read(1, c.unread()[0].1, Ok(Some(encode(4, 2))));
+        c.read(
+            1,
+            c.unread()[0].1,
+            Ok(Some(encode(Stored::Head {
+                offset: 4,
+                count: 2,
+            }))),
+        );
         assert!(c.serial());
         assert_eq!(c.release(1, false), None);
         assert!(!c.serial());
     }
 
     #[test]
-    fn only_a_settled_partition_that_stored_a_head_is_marked_clean() {
-        let mut c = assigned(Some(encode(2, 1)));
+    fn only_a_settled_partition_that_stored_is_marked_clean() {
+        let mut c = assigned(Some(Stored::Head {
+            offset: 2,
+            count: 1,
+        }));
         c.assign(1);
-        c.read(1, c.unread()[0].1, Ok(Some(encode(8, 3))));
+        c.read(
+            1,
+            c.unread()[0].1,
+            Ok(Some(encode(Stored::Window { end: 8 }))),
+        );
         c.assign(2);
         c.read(2, c.unread()[0].1, Ok(None));
         assert_eq!(c.owned(), vec![0, 1, 2]);
-        c.hand_out(0, 2);
-        c.hand_out(2, 0);
+        c.hand_out(0, 2, 2);
+        c.hand_out(2, 0, 3);
         // 0 finished what it was handed: clean.
-        assert_eq!(c.release(0, true), Some(encode(2, 0)));
-        // 1 handed nothing out: the old count stays for the next owner.
+        assert_eq!(
+            c.release(0, true),
+            Some(encode(Stored::Clean { offset: 2 }))
+        );
+        // 1 handed nothing out: the old state stays for the next owner.
         assert_eq!(c.release(1, true), None);
-        // 2 has a delivery in flight: its count stays.
+        // 2 has a delivery in flight: its window stays.
         assert_eq!(c.release(2, false), None);
         assert!(c.owned().is_empty());
         assert_eq!(c.release(0, true), None);

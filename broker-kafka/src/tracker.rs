@@ -37,6 +37,9 @@ struct Partition {
     position: Option<i64>,
     /// The position last sent to the broker (optimistically).
     committed: Option<i64>,
+    /// The highest position the broker confirmed (or a synchronous commit
+    /// is about to): what a revoke or close need not commit again.
+    confirmed: Option<i64>,
 }
 
 impl Partition {
@@ -89,6 +92,15 @@ impl Partition {
             (p, _) => p,
         }
     }
+
+    /// The position, if the broker has not confirmed it: an asynchronous
+    /// commit may still be on its way, or lost when the client closes.
+    fn unconfirmed(&self) -> Option<i64> {
+        match (self.position, self.confirmed) {
+            (Some(p), Some(c)) if p <= c => None,
+            (p, _) => p,
+        }
+    }
 }
 
 /// Offsets of the partitions a subscription owns.
@@ -123,7 +135,7 @@ impl OffsetTracker {
         if self.closed {
             return None;
         }
-        old.uncommitted()
+        old.unconfirmed()
     }
 
     /// An offset was received (or received again after a rewind); it stays
@@ -135,6 +147,19 @@ impl OffsetTracker {
             self.pending += 1;
         }
         token
+    }
+
+    /// As [`Self::received`], but `None` (and nothing changes) when the
+    /// offset is known already in this assignment: pending (buffered, or
+    /// handed out and unsettled) or finished. librdkafka can return a
+    /// record again after a pause and resume; a second copy must not be
+    /// handed out beside the first, replace its hand-out, or (finished)
+    /// hold back the committed position until it is handled once more.
+    pub(crate) fn received_new(&mut self, partition: i32, offset: i64) -> Option<Token> {
+        let known = self.partitions.get_mut(&partition).is_some_and(|p| {
+            p.position.is_some_and(|next| offset < next) || p.slot_mut(offset).is_some()
+        });
+        (!known).then(|| self.received(partition, offset))
     }
 
     /// The hand-out `token` of `offset` is finished. False when it no
@@ -180,6 +205,16 @@ impl OffsetTracker {
         self.pending
     }
 
+    /// The tokens of the pending hand-outs, over all partitions.
+    pub(crate) fn pending_tokens(&self) -> impl Iterator<Item = Token> + '_ {
+        self.partitions.values().flat_map(|p| {
+            p.slots.iter().filter_map(|&(_, slot)| match slot {
+                Slot::Pending(token) => Some(token),
+                Slot::Done => None,
+            })
+        })
+    }
+
     /// Offsets of `partition` received and not yet acked.
     pub(crate) fn pending_in(&self, partition: i32) -> usize {
         self.partitions.get(&partition).map_or(0, |p| p.pending)
@@ -202,14 +237,27 @@ impl OffsetTracker {
 
     /// Positions that moved since the last call, marked as committed.
     pub(crate) fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        self.take(false)
+    }
+
+    /// Positions to commit, marked as committed: those that moved since
+    /// the last commit, or (`sync`) all the broker has not confirmed, then
+    /// marked confirmed too.
+    fn take(&mut self, sync: bool) -> Vec<(i32, i64)> {
         if self.closed {
             return Vec::new();
         }
         self.partitions
             .iter_mut()
             .filter_map(|(&partition, p)| {
-                let position = p.uncommitted()?;
+                let position = match sync {
+                    true => p.unconfirmed()?,
+                    false => p.uncommitted()?,
+                };
                 p.committed = Some(position);
+                if sync {
+                    p.confirmed = Some(position);
+                }
                 Some((partition, position))
             })
             .collect()
@@ -221,12 +269,34 @@ impl OffsetTracker {
             if p.committed == Some(offset) {
                 p.committed = None;
             }
+            if p.confirmed == Some(offset) {
+                p.confirmed = None;
+            }
         }
     }
 
-    /// The final positions to commit; afterwards every ack is ignored.
+    /// The broker confirmed a commit of `offset`.
+    pub(crate) fn commit_confirmed(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.confirmed = Some(p.confirmed.map_or(offset, |c| c.max(offset)));
+        }
+    }
+
+    /// True when some position is not confirmed by the broker.
+    pub(crate) fn has_unconfirmed(&self) -> bool {
+        !self.closed && self.partitions.values().any(|p| p.unconfirmed().is_some())
+    }
+
+    /// Positions the broker has not confirmed, for a synchronous commit:
+    /// marked as committed and confirmed (see [`Self::commit_failed`]).
+    pub(crate) fn take_unconfirmed(&mut self) -> Vec<(i32, i64)> {
+        self.take(true)
+    }
+
+    /// The final positions to commit (synchronously: all the broker has not
+    /// confirmed); afterwards every ack is ignored.
     pub(crate) fn close(&mut self) -> Vec<(i32, i64)> {
-        let commits = self.take_commits();
+        let commits = self.take_unconfirmed();
         self.closed = true;
         commits
     }
@@ -371,6 +441,9 @@ mod tests {
         let a = receive(&mut t, 0, [0]);
         assert!(t.ack(0, 0, a[0]));
         assert_eq!(t.take_commits(), vec![(0, 1)]);
+        // Once the broker confirmed it (an unconfirmed one is sent again:
+        // see `revoke_and_close_commit_what_the_broker_did_not_confirm`).
+        t.commit_confirmed(0, 1);
         assert_eq!(t.revoke(0), None);
     }
 
@@ -498,5 +571,45 @@ mod tests {
             }
             assert_eq!(committed, [40, 40, 40]);
         }
+    }
+
+    #[test]
+    fn revoke_and_close_commit_what_the_broker_did_not_confirm() {
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 0, [0, 1, 2]);
+        assert!(t.ack(0, 0, tok[0]));
+        // Sent asynchronously, not confirmed: a sync commit sends it again.
+        assert_eq!(t.take_commits(), vec![(0, 1)]);
+        assert_eq!(t.take_commits(), vec![]);
+        assert_eq!(t.take_unconfirmed(), vec![(0, 1)]);
+        assert_eq!(t.take_unconfirmed(), vec![]);
+        // Confirmed by the broker: nothing again.
+        assert!(t.ack(0, 1, tok[1]));
+        assert_eq!(t.take_commits(), vec![(0, 2)]);
+        t.commit_confirmed(0, 2);
+        assert_eq!(t.close(), vec![]);
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 3, [5]);
+        assert!(t.ack(3, 5, tok[0]));
+        assert_eq!(t.take_commits(), vec![(3, 6)]);
+        assert_eq!(t.revoke(3), Some(6), "not confirmed yet");
+    }
+
+    #[test]
+    fn an_offset_received_again_is_refused() {
+        let mut t = OffsetTracker::new();
+        let tok = receive(&mut t, 0, [0, 1]);
+        assert_eq!(t.received_new(0, 1), None, "pending: the first copy stays");
+        assert_eq!(t.pending(), 2);
+        assert!(t.ack(0, 1, tok[1]), "its hand-out still counts");
+        assert_eq!(t.received_new(0, 1), None, "finished, 0 is not");
+        assert!(t.ack(0, 0, tok[0]));
+        assert_eq!(t.received_new(0, 0), None, "below the position");
+        assert_eq!(t.take_commits(), vec![(0, 2)]);
+        assert_eq!(t.pending(), 0);
+        assert_eq!(t.received_new(0, 2).map(|_| t.pending()), Some(1));
+        // A new assignment starts over.
+        t.assign(0);
+        assert!(t.received_new(0, 0).is_some());
     }
 }

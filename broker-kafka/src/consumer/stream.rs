@@ -34,6 +34,13 @@ impl DeliveryStream for KafkaStream {
                     token,
                     value,
                 }) => self.store_count(partition, token, value).await,
+                Err(Step::SyncCommit) => {
+                    commit = false;
+                    self.commit_now().await;
+                }
+                Err(Step::Hold(until)) => {
+                    let _ = tokio::time::timeout_at(until, self.shared.ready.notified()).await;
+                }
                 Err(_) => self.shared.ready.notified().await,
             }
         }
@@ -136,7 +143,13 @@ impl KafkaStream {
     async fn read_counts(&self, partitions: Vec<(i32, u64)>) {
         let ids: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
         let values = match self.counts.clone() {
-            Some(store) => blocking(move || store.read(&ids, STORE_TIMEOUT)).await,
+            Some(store) => {
+                retried(|| {
+                    let (store, ids) = (store.clone(), ids.clone());
+                    move || store.read(&ids, STORE_TIMEOUT)
+                })
+                .await
+            }
             None => Err("subscription closed".to_owned()),
         };
         if let Err(e) = &values {
@@ -155,13 +168,47 @@ impl KafkaStream {
         }
     }
 
-    /// Stores the delivery count of the front record (hand-out `token`) on
-    /// a blocking thread; then it may be handed out. A failed store is
-    /// reported and the record handed out all the same.
+    /// Commits synchronously what the broker has not confirmed (on a
+    /// blocking thread, bounded by [`STORE_TIMEOUT`]); a failed commit is
+    /// sent again later.
+    async fn commit_now(&self) {
+        let commits = self.shared.lock().tracker.take_unconfirmed();
+        if commits.is_empty() {
+            return;
+        }
+        let committed = match self.consumer.clone() {
+            Some(consumer) => {
+                let tpl = offsets_list(&self.shared.topic, &commits);
+                blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await
+            }
+            None => Err("subscription closed".to_owned()),
+        };
+        if let Err(e) = committed {
+            tracing::warn!(error = %e, topic = %self.shared.topic, "offset commit failed; will retry");
+            let mut state = self.shared.lock();
+            for (p, o) in commits {
+                state.tracker.commit_failed(p, o);
+            }
+        }
+    }
+
+    /// Stores the delivery count of the buffered record with hand-out
+    /// `token` on a blocking thread; then it may be handed out. A failed
+    /// store is reported and the record handed out all the same.
     async fn store_count(&self, partition: i32, token: Token, value: i64) {
+        // What finished goes out first: it most likely lands while this
+        // store waits, so a crash soon after replays little.
+        if let Some(consumer) = &self.consumer {
+            let commits = self.shared.lock().tracker.take_commits();
+            send_commits(consumer, &self.shared, commits);
+        }
         let stored = match self.counts.clone() {
             Some(store) => {
-                blocking(move || store.store(&[(partition, value)], CommitMode::Sync)).await
+                retried(|| {
+                    let store = store.clone();
+                    move || store.store(&[(partition, value)], CommitMode::Sync)
+                })
+                .await
             }
             None => Err("subscription closed".to_owned()),
         };
@@ -169,10 +216,8 @@ impl KafkaStream {
             tracing::warn!(error = %e, topic = %self.shared.topic, partition, "storing a delivery count failed; a crash now is not counted");
         }
         let mut state = self.shared.lock();
-        if let Some(front) = state.buffer.front_mut() {
-            if front.token == token {
-                front.store = None;
-            }
+        if let Some(b) = state.buffer.iter_mut().find(|b| b.token == token) {
+            b.store = None;
         }
     }
 }
@@ -264,6 +309,28 @@ impl Acker for KafkaAcker {
         }
     }
 }
+
+/// Runs `f()` as [`blocking`] does, up to [`TRIES`] times while it fails:
+/// a count that could not be read or stored costs a crash uncounted, and a
+/// coordinator that just started answers with retriable errors.
+async fn retried<T, F>(f: impl Fn() -> F) -> std::result::Result<T, String>
+where
+    F: FnOnce() -> KafkaResult<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut result = blocking(f()).await;
+    for _ in 1..TRIES {
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result = blocking(f()).await;
+    }
+    result
+}
+
+/// Attempts at reading or storing delivery counts.
+const TRIES: usize = 3;
 
 /// Runs `f` on a blocking thread for at most [`STORE_TIMEOUT`] (plus a
 /// second); errors as text.
