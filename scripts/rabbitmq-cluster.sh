@@ -31,7 +31,8 @@ BIN=/usr/lib/rabbitmq/bin
 say() { echo "rmq-cluster: $*" >&2; }
 die() { echo "rmq-cluster: $*" >&2; exit 1; }
 
-node_name() { echo "rmqc$1@localhost"; }
+# The AMQP port in the name: another checkout's cluster on other ports has other names.
+node_name() { echo "rmqc$1-$(port_of "$1")@localhost"; }
 port_of() { echo $((BASE_PORT + $1)); }
 ndir() { echo "$DIR/n$1"; }
 beam_pid() { [[ -f $(ndir "$1")/node.pid ]] && cat "$(ndir "$1")/node.pid"; }
