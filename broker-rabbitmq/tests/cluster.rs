@@ -138,6 +138,14 @@ fn client(list: String, name: &str) -> broker_rabbitmq::RabbitMqBuilder {
         .operation_timeout(Duration::from_secs(5))
 }
 
+/// The number a test message carries (its payload).
+fn number(delivery: &broker_core::Delivery) -> u64 {
+    std::str::from_utf8(delivery.message().payload())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("a test payload")
+}
+
 /// What the consumer saw: handled ids with when, and duplicates.
 #[derive(Default)]
 struct Seen {
@@ -195,11 +203,7 @@ where
                 let Ok(delivery) = delivery else {
                     panic!("the subscription ended with an error: {:?}", delivery.err());
                 };
-                let n: u64 = std::str::from_utf8(delivery.message().payload())
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .expect("a test payload");
-                seen.lock().unwrap().handled(n);
+                seen.lock().unwrap().handled(number(&delivery));
                 // A failed ack is redelivered: counted as a duplicate then.
                 let _ = delivery.ack().await;
             }
@@ -513,11 +517,7 @@ async fn rabbitmq_cluster_quorum_lost_publishes_fail_typed_then_resume() {
             })
             .expect("stream open")
             .expect("delivery");
-        let n: u64 = std::str::from_utf8(delivery.message().payload())
-            .unwrap()
-            .parse()
-            .unwrap();
-        handled.insert(n);
+        handled.insert(number(&delivery));
         let _ = delivery.ack().await;
     }
     stream.close().await.ok();
@@ -582,11 +582,7 @@ async fn rabbitmq_cluster_subscription_outlives_a_60_s_outage_of_its_node() {
             .expect("resumed within 60 s of the node's return")
             .expect("the subscription did not end")
             .expect("not an error");
-        let n: u64 = std::str::from_utf8(delivery.message().payload())
-            .unwrap()
-            .parse()
-            .unwrap();
-        handled.insert(n);
+        handled.insert(number(&delivery));
         delivery.ack().await.expect("ack");
     }
     eprintln!(
